@@ -1,0 +1,50 @@
+# mixmask: two commands do everything on a fresh machine.
+#   make train   set up .venv, then train MoCo v2 + MixMask on the embedded demo dataset
+#   make test    set up .venv, then run the test suite
+# Set-up is done once (a stamp file records it) and redone when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
+ARGS   ?=
+PYTEST_ARGS ?=
+NPROC  ?= 1
+
+.PHONY: setup apt train test test-all bench-kernels clean
+
+setup: $(STAMP)
+
+# System libraries (FFCV compiles against them). Installed only when running as root and missing.
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = "0" ]; then echo "apt: installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "apt: missing$$missing (not root: install them yourself for the ffcv backend)"; fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(MAKE) apt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+train: setup
+	$(VENV)/bin/accelerate launch --num_processes $(NPROC) --num_machines 1 --mixed_precision no \
+	  --dynamo_backend no train.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Everything, the slow end-to-end runs included.
+test-all: setup
+	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+
+bench-kernels: setup
+	$(PY) -m benchmarks.kernels --json bench-out/kernels.json
+
+clean:
+	rm -rf runs bench-out .pytest_cache

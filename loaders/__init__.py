@@ -1,0 +1,1 @@
+"""Input pipelines: one module per backend behind the Batch contract (mixmask/batch.py)."""

@@ -1,0 +1,64 @@
+"""The on-device end of every backend: uint8 NHWC views -> Batch (normalise, layout, MixMask).
+
+Masks are drawn per (seed, epoch, step, rank), so a run is reproducible and resumes exactly; one mask
+per batch (the paper) or one per sample. The partner permutation is the same one the loss uses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mixmask import masks as mk
+from mixmask.batch import Batch
+from mixmask.fused import normalize, normalize_and_mix
+
+
+class MixStage:
+    def __init__(
+        self,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = True,
+        enabled: bool = True,
+        kind: mk.MaskKind = "block",
+        grid: int = 8,
+        ratio: float = 0.5,
+        per_sample: bool = False,
+        partner: mk.Partner = "auto",
+        seed: int = 0,
+        rank: int = 0,
+    ):
+        self.mean, self.std, self.dtype, self.channels_last = mean, std, dtype, channels_last
+        self.enabled, self.kind, self.grid, self.ratio = enabled, kind, grid, ratio
+        self.per_sample, self.partner, self.seed, self.rank = per_sample, partner, seed, rank
+
+    def masks_for(self, n: int, epoch: int, step: int) -> torch.Tensor:
+        """The step's grid masks.  -> (N or 1, g, g) uint8 on the CPU"""
+        key = np.random.SeedSequence([self.seed, epoch, step, self.rank, 0x3A5C])
+        gen = torch.Generator().manual_seed(int(key.generate_state(1, np.uint64)[0] >> 1))
+        return mk.sample_masks(self.kind, n if self.per_sample else 1, self.grid, self.ratio, gen)
+
+    def __call__(
+        self,
+        v1: torch.Tensor,  # (N, H, W, 3) uint8 on the device
+        v2: torch.Tensor,  # (N, H, W, 3) uint8 on the device
+        labels: torch.Tensor,  # (N,)
+        index: torch.Tensor | None,  # (N,)
+        epoch: int,
+        step: int,
+    ) -> Batch:
+        n, h, w, _ = v1.shape
+        masks = perm = lam = None
+        if self.enabled:
+            masks = self.masks_for(n, epoch, step)
+            perm = mk.partner_permutation(n, self.partner, v1.device)
+            lam = mk.realised_lam(masks, h, w).expand(n).contiguous().to(v1.device)  # (N,)
+            masks = masks.to(v1.device)
+        x1, x2, mixed = normalize_and_mix(v1, v2, masks, perm, self.mean, self.std, self.dtype, self.channels_last)
+        return Batch(x1, x2, mixed, perm, lam, labels, masks, index)
+
+    def normalize(self, v: torch.Tensor) -> torch.Tensor:
+        """One uint8 view (N, H, W, 3) -> normalised (N, 3, H, W), no mixing."""
+        return normalize(v, self.mean, self.std, self.dtype, self.channels_last)

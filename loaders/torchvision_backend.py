@@ -1,0 +1,251 @@
+"""The torchvision baseline backend: PIL decode once, two MoCo v2 views, DataLoader workers.
+
+Per image (in a worker): decode once with PIL, then twice RandomResizedCrop -> colour jitter (p) ->
+grayscale (p) -> Gaussian blur (p) -> solarize (p) -> flip, as uint8 HWC. The batch ships to the device
+as uint8 NHWC; normalisation, layout and MixMask happen there (loaders/device_stage.py).
+
+Randomness: each sample's augmentations are seeded by (seed, epoch, index), so a run is reproducible
+for any worker count and resumes exactly. An unreadable image is replaced by the next readable one of
+the dataset (the batch keeps its size N) and reported once by path; the count is kept in ``bad_files``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms as T
+
+from loaders.device_stage import MixStage
+from loaders.folder import DataError, FolderIndex
+from loaders.sharding import batches_per_epoch, shard_indices
+from mixmask.batch import Batch
+
+log = logging.getLogger(__name__)
+
+# Truncated or corrupt files raise one of these from PIL.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class AugParams:
+    """The MoCo v2 view recipe (SPEC.md 1.9); the same parameters drive every backend."""
+
+    size: int
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+
+
+class _PILGaussianBlur:
+    """PIL Gaussian blur with radius ~ U(sigma range), as in the MoCo v2 code; torch RNG."""
+
+    def __init__(self, sigma: tuple[float, float]):
+        self.lo, self.hi = sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        radius = self.lo + float(torch.rand(())) * (self.hi - self.lo)
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+def view_transform(p: AugParams) -> T.Compose:
+    """One MoCo v2 view of a PIL RGB image, ending as a PIL image of p.size x p.size."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(p.size, scale=p.crop_scale, ratio=p.crop_ratio),
+            T.RandomApply([T.ColorJitter(*p.jitter)], p=p.jitter_p),
+            T.RandomGrayscale(p=p.gray_p),
+            T.RandomApply([_PILGaussianBlur(p.blur_sigma)], p=p.blur_p),
+            T.RandomSolarize(128, p=p.solarize_p),
+            T.RandomHorizontalFlip(p=p.flip_p),
+        ]
+    )
+
+
+def eval_transform(size: int, resize: int = 0) -> T.Compose:
+    """Resize the shorter side (default size * 8/7, i.e. 256 for 224) and centre-crop."""
+    return T.Compose([T.Resize(resize or round(size * 8 / 7)), T.CenterCrop(size)])
+
+
+def probe_train_transform(size: int) -> T.Compose:
+    """Linear-probe training augmentation: RandomResizedCrop (default scale) + flip."""
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _decode(path: str) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. PIL's "Truncated File Read" / EXIF warnings
+        with Image.open(path) as im:
+            return im.convert("RGB")  # grayscale, CMYK, palette and RGBA all become RGB
+
+
+class _ImageDataset(Dataset):
+    """Decodes index[i] once and applies ``views`` (a list of transforms) to the same decoded image."""
+
+    def __init__(self, index: FolderIndex, views: list, seed: int):
+        self.paths, self.labels, self.views, self.seed = index.paths, index.labels, views, seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _load(self, i: int) -> tuple[Image.Image, int, list[str]]:
+        bad: list[str] = []
+        for attempt in range(min(len(self.paths), 16)):
+            j = (i + attempt) % len(self.paths)
+            try:
+                return _decode(self.paths[j]), self.labels[j], bad
+            except _DECODE_ERRORS as e:
+                bad.append(f"{self.paths[j]} ({type(e).__name__}: {e})")
+        raise DataError(f"{len(bad)} consecutive unreadable images, first: {bad[0]}")
+
+    def __getitem__(self, key: tuple[int, int]):
+        i, epoch = key
+        img, label, bad = self._load(i)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, i))
+            views = [torch.from_numpy(np.asarray(t(img), dtype=np.uint8).copy()) for t in self.views]
+        return (*views, label, i, bad)  # views: (H, W, 3) uint8 each
+
+
+class _ShardSampler(Sampler):
+    """Yields (index, epoch) keys of this rank's shard, from batch ``start_batch`` on."""
+
+    def __init__(self, n, rank, world, batch, seed, shuffle, drop_last):
+        self.args = dict(n=n, rank=rank, world=world, batch=batch, seed=seed, shuffle=shuffle, drop_last=drop_last)
+        self.batch, self.epoch, self.start = batch, 0, 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        idx = shard_indices(epoch=self.epoch, **self.args)[self.start * self.batch :]
+        return iter([(int(i), self.epoch) for i in idx])
+
+    def __len__(self) -> int:
+        return len(shard_indices(epoch=self.epoch, **self.args)) - self.start * self.batch
+
+
+def _collate(items):
+    *views, labels, idx, bad = zip(*items)
+    return (
+        *[torch.stack(v) for v in views],  # (N, H, W, 3) uint8 each
+        torch.tensor(labels, dtype=torch.long),
+        torch.tensor(idx, dtype=torch.long),
+        [b for bs in bad for b in bs],
+    )
+
+
+class _Base:
+    """DataLoader plumbing and bad-file accounting shared by the train and eval loaders."""
+
+    def __init__(self, dataset, sampler, batch, workers, prefetch, drop_last, device):
+        self.device = torch.device(device)
+        self.sampler = sampler
+        self.bad_files: set[str] = set()
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=_collate,
+            drop_last=drop_last,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=prefetch if workers > 0 else None,
+            persistent_workers=workers > 0,
+        )
+
+    def _note_bad(self, bad: list[str]) -> None:
+        for b in bad:
+            if b not in self.bad_files:
+                self.bad_files.add(b)
+                log.warning("skipped unreadable image %s; %d skipped so far", b, len(self.bad_files))
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=True)
+
+
+class TorchvisionTrainLoader(_Base):
+    """Iterable of Batch for training: two views per image, MixMask applied on the device."""
+
+    def __init__(
+        self,
+        index: FolderIndex,
+        aug: AugParams,
+        stage: MixStage,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        workers: int = 2,
+        prefetch: int = 2,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ):
+        self.n = len(index)
+        self.world, self.batch_size, self.stage = world, batch_size, stage
+        views = [view_transform(aug), view_transform(aug)]
+        sampler = _ShardSampler(self.n, rank, world, batch_size, seed, shuffle=True, drop_last=True)
+        super().__init__(_ImageDataset(index, views, seed), sampler, batch_size, workers, prefetch, True, device)
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.n, self.world, self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch (seeds the order and augmentations) and skip its first batches (resume)."""
+        self.sampler.epoch, self.sampler.start = epoch, start_batch
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, step = self.sampler.epoch, getattr(self, "start_batch", 0)
+        for v1, v2, labels, idx, bad in self.loader:
+            self._note_bad(bad)
+            yield self.stage(self._to_device(v1), self._to_device(v2), self._to_device(labels), idx, epoch, step)
+            step += 1
+
+
+class TorchvisionEvalLoader(_Base):
+    """Iterable of (x, labels, index) for kNN banks and linear probes: one view, normalised, on the device.
+
+    The split is sharded with padding (ranks get equal counts); callers drop repeated indices.
+    """
+
+    def __init__(
+        self,
+        index: FolderIndex,
+        transform,
+        stage: MixStage,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        workers: int = 2,
+        seed: int = 0,
+        shuffle: bool = False,
+        device: str | torch.device = "cpu",
+    ):
+        self.stage = stage
+        sampler = _ShardSampler(len(index), rank, world, batch_size, seed, shuffle=shuffle, drop_last=False)
+        super().__init__(_ImageDataset(index, [transform], seed), sampler, batch_size, workers, 2, False, device)
+        self.classes = index.classes
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for v, labels, idx, bad in self.loader:
+            self._note_bad(bad)
+            yield self.stage.normalize(self._to_device(v)), self._to_device(labels), idx

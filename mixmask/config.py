@@ -1,0 +1,244 @@
+"""Typed configuration: one source of defaults, YAML files and CLI overrides on top.
+
+Every key lives in one dataclass section below with its unit or reason. ``configs/*.yaml`` only
+override these defaults; the command line overrides with ``section.field=value`` (the value is
+parsed as YAML, so ``optim.lr=0.06``, ``mask.enabled=false``, ``data.crop_scale=[0.2,1.0]``).
+Unknown sections or keys and values of the wrong type are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the offending key."""
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # ImageFolder root (root/train/<class>/*, root/val/<class>/*); "" = embedded demo set
+    backend: Literal["torchvision"] = "torchvision"  # input pipeline (DALI and FFCV arrive as backends)
+    image_size: int = 64  # side of both training views after RandomResizedCrop (px)
+    eval_resize: int = 0  # eval: resize shorter side to this before the centre crop; 0 = image_size * 8/7
+    batch_size: int = 128  # per process; global batch = batch_size * processes * grad_accum
+    workers: int = 2  # DataLoader worker processes per training process
+    prefetch: int = 4  # batches each worker keeps ready
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (MoCo v2)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333)  # RandomResizedCrop aspect range
+    flip_p: float = 0.5  # horizontal flip probability
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8  # probability of applying the colour jitter
+    gray_p: float = 0.2  # probability of grayscale
+    blur_p: float = 0.5  # probability of Gaussian blur
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # blur radius range in px (MoCo v2 at 224 px)
+    solarize_p: float = 0.0  # probability of solarisation (BYOL-style; 0 in MoCo v2)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # normalisation mean (ImageNet, 0-1 units)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # normalisation std (ImageNet, 0-1 units)
+    channels_last: bool = True  # NHWC memory for the views (faster convolutions, free from NHWC uint8)
+
+
+@dataclass
+class MaskConfig:
+    enabled: bool = True  # False = plain MoCo v2 (no mixed view, no extra forward)
+    kind: Literal["block", "discrete"] = "block"  # grid-mask generator (SPEC 1.7)
+    grid: int = 8  # g: the mask is g x g cells, upsampled nearest to the view size
+    ratio: float = 0.5  # r: target fraction of cells filled from the partner image
+    per_sample: bool = False  # False = one mask per batch (the paper), True = one per sample
+    partner: Literal["auto", "reverse", "roll"] = "auto"  # auto: reverse for even N, roll by one for odd N
+
+
+@dataclass
+class ModelConfig:
+    framework: Literal["moco_v2"] = "moco_v2"
+    arch: Literal["resnet10", "resnet18", "resnet34", "resnet50"] = "resnet18"
+    stem: Literal["imagenet", "small"] = "imagenet"  # small: 3x3 stride-1 conv, no max-pool (<= 64 px)
+    dim: int = 128  # output embedding size
+    mlp_hidden: int = 0  # hidden width of the 2-layer MLP head; 0 = the backbone's feature width
+    queue: int = 65536  # K: number of negative keys
+    momentum: float = 0.999  # m: key-encoder EMA coefficient
+    temperature: float = 0.2  # T in the InfoNCE logits
+    shuffle_bn: bool = True  # shuffle keys across processes before the key encoder (MoCo)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 200
+    lr: float = 0.03  # base learning rate for a global batch of 256 (linearly scaled)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0  # linear warm-up before the cosine decay
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"  # run directory: <out_dir>/<name>
+    out_dir: str = "runs"
+    seed: int = 0
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto = what `accelerate launch` says
+    checkpoint_every: int = 200  # optimizer steps between checkpoints (0 = only at epoch ends)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    resume: bool = True  # continue from the run directory's last checkpoint if there is one
+    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs); for smoke tests
+    log_every: int = 10  # optimizer steps between scalar logs
+    knn_every: int = 1  # epochs between kNN monitors (0 = only at the end)
+    knn_k: int = 200  # kNN monitor neighbours
+    knn_t: float = 0.1  # kNN monitor temperature
+    progress: bool = True  # progress bar on the main process
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = ""  # checkpoint directory or model.safetensors; "" = the run's last checkpoint
+    epochs: int = 100  # linear probe epochs (SPEC 1.9)
+    lr: float = 30.0  # linear probe SGD learning rate
+    batch_size: int = 256
+    weight_decay: float = 0.0
+    milestones: tuple[float, ...] = (0.6, 0.8)  # lr x0.1 at these fractions of the epochs (60/80 of 100)
+    augment: bool = True  # RandomResizedCrop + flip per epoch; False = cache centre-crop features once
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to the annotated type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_value(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_value(key, v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_check_value(key, v, a) for v, a in zip(value, args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a programming error
+
+
+def _section_types(section: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(section))
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> None:
+    """Apply a nested ``{section: {field: value}}`` mapping onto ``cfg`` in place."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(overrides).__name__}")
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    for name, values in overrides.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(sorted(sections))})")
+        section = getattr(cfg, name)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping")
+        hints = _section_types(section)
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(
+                    f"{source}: unknown key '{name}.{key}' (known: {', '.join(sorted(hints))})"
+                )
+            setattr(section, key, _check_value(f"{name}.{key}", value, hints[key]))
+
+
+def parse_cli_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["optim.lr=0.1", "mask.enabled=false"]`` -> ``{"optim": {"lr": 0.1}, "mask": {...}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key.count(".") != 1 or not all(key.split(".")):
+            raise ConfigError(f"override '{item}': expected section.field=value")
+        section, name = key.split(".")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({e.problem})") from None
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
+    """Defaults, then each YAML file in order, then ``section.field=value`` overrides."""
+    cfg = Config()
+    for path in files:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        apply_overrides(cfg, data, str(path))
+    apply_overrides(cfg, parse_cli_overrides(list(overrides)), "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    checks = [
+        (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
+        (cfg.data.batch_size >= 2, "data.batch_size must be >= 2 (MixMask needs a partner image)"),
+        (cfg.data.workers >= 0, "data.workers must be >= 0"),
+        (0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1, "data.crop_scale must satisfy 0 < lo <= hi <= 1"),
+        (0 < cfg.data.crop_ratio[0] <= cfg.data.crop_ratio[1], "data.crop_ratio must satisfy 0 < lo <= hi"),
+        (all(s > 0 for s in cfg.data.std), "data.std must be positive"),
+        (cfg.mask.grid >= 2, "mask.grid must be >= 2"),
+        (0 < cfg.mask.ratio < 1, "mask.ratio must be in (0, 1)"),
+        (cfg.model.queue >= 1, "model.queue must be >= 1"),
+        (0 <= cfg.model.momentum < 1, "model.momentum must be in [0, 1)"),
+        (cfg.model.temperature > 0, "model.temperature must be > 0"),
+        (cfg.optim.epochs >= 1, "optim.epochs must be >= 1"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.optim.grad_accum >= 1, "optim.grad_accum must be >= 1"),
+        (cfg.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0"),
+        (cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1"),
+        (cfg.eval.epochs >= 1, "eval.epochs must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

@@ -1,0 +1,129 @@
+"""MixMask grid masks and partners, in torch (the reference and fallback route).
+
+MixMask (Vishniakov, Xing, Shen; arXiv 2210.11456), SPEC.md 1.1-1.7:
+
+    G in {0,1}^(g x g),  M = nearest-upsample(G) to H x W,
+    x~_j = M * x1_j + (1 - M) * x1_perm[j],      lam_j = mean(M_j)   (realised, never nominal)
+
+1 = the pixel stays from x1_j, 0 = it is filled from the partner x1_perm[j]. The nearest upsampling is
+defined by integer cell indices ``row(y) = (y * g) // H`` and ``col(x) = (x * g) // W``, so cells need
+not divide the image and every route (torch, Numba CPU, CUDA) computes the same mask.
+
+Generators (SPEC 1.7): ``block`` is the BEiT-style block-wise generator with target int(r g^2) masked
+cells (it may under-fill; lam is measured afterwards), ``discrete`` masks each cell independently with
+probability r and rejects all-0 / all-1 masks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+MaskKind = Literal["block", "discrete"]
+Partner = Literal["auto", "reverse", "roll"]
+
+
+def partner_permutation(n: int, how: Partner = "auto", device: torch.device | str = "cpu") -> torch.Tensor:
+    """perm[j] = index of the image that fills mixed[j].  # (N,) int64
+
+    reverse: perm[j] = N-1-j (the paper); for odd N the middle image is its own partner.
+    roll:    perm[j] = (j+1) mod N, a derangement for every N >= 2.
+    auto:    reverse for even N, roll for odd N.
+    """
+    if how == "auto":
+        how = "reverse" if n % 2 == 0 else "roll"
+    idx = torch.arange(n, device=device)
+    if how == "reverse":
+        return idx.flip(0)
+    if how == "roll":
+        return idx.roll(-1)
+    raise ValueError(f"unknown partner rule {how!r}")
+
+
+def _block_mask(g: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
+    """One BEiT-style block mask: 0 on masked cells.  # (g, g) uint8"""
+    masked = torch.zeros(g, g, dtype=torch.bool)
+    target = int(ratio * g * g)
+    min_cells = 4
+    log_lo, log_hi = math.log(0.3), math.log(1 / 0.3)
+
+    def rand() -> float:
+        return float(torch.rand((), generator=gen))
+
+    count = 0
+    while count < target:
+        remaining = target - count
+        added = 0
+        for _ in range(10):
+            area = min_cells + rand() * (remaining - min_cells)  # U(4, remaining), as random.uniform
+            aspect = math.exp(log_lo + rand() * (log_hi - log_lo))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            if 0 < h < g and 0 < w < g:
+                top = int(rand() * (g - h + 1))
+                left = int(rand() * (g - w + 1))
+                patch = masked[top : top + h, left : left + w]
+                new = h * w - int(patch.sum())
+                if 0 < new <= remaining:
+                    patch.fill_(True)
+                    added = new
+                    break
+        if added == 0:
+            break
+        count += added
+    return (~masked).to(torch.uint8)
+
+
+def _discrete_mask(g: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
+    """Each cell masked with probability ``ratio``; all-0 and all-1 masks are redrawn.  # (g, g)"""
+    while True:
+        keep = (torch.rand(g, g, generator=gen) >= ratio).to(torch.uint8)
+        s = int(keep.sum())
+        if 0 < s < g * g:
+            return keep
+
+
+def sample_masks(kind: MaskKind, n: int, g: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
+    """``n`` independent g x g masks (1 = keep x1, 0 = partner).  # (n, g, g) uint8 on the CPU"""
+    if g < 2 or not 0 < ratio < 1:
+        raise ValueError(f"need g >= 2 and 0 < ratio < 1, got g={g}, ratio={ratio}")
+    one = {"block": _block_mask, "discrete": _discrete_mask}[kind]
+    return torch.stack([one(g, ratio, gen) for _ in range(n)])
+
+
+def cell_index(size: int, g: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Cell of every pixel along one axis: (i * g) // size.  # (size,) int64"""
+    return torch.arange(size, device=device) * g // size
+
+
+def upsample(masks: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Nearest upsampling with integer cell indices.  (M, g, g) -> (M, H, W)"""
+    g = masks.shape[-1]
+    rows = cell_index(h, g, masks.device)
+    cols = cell_index(w, g, masks.device)
+    return masks[:, rows][:, :, cols]
+
+
+def realised_lam(masks: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Fraction of the H x W pixels kept from x1, per mask, computed from cell row/col counts.
+
+    (M, g, g) -> (M,) float32. Exact: sum_{a,b} G[a,b] * rows_in_cell[a] * cols_in_cell[b] / (H W).
+    """
+    g = masks.shape[-1]
+    rcount = torch.bincount(cell_index(h, g), minlength=g).to(torch.float64)  # (g,)
+    ccount = torch.bincount(cell_index(w, g), minlength=g).to(torch.float64)  # (g,)
+    kept = torch.einsum("mab,a,b->m", masks.cpu().to(torch.float64), rcount, ccount)
+    return (kept / (h * w)).to(torch.float32)
+
+
+def mix(x1: torch.Tensor, masks: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """x~_j = M_j * x1_j + (1 - M_j) * x1_perm[j], a NEW tensor (x1 is untouched).
+
+    x1: (N, C, H, W) any dtype/memory format; masks: (1 or N, g, g); perm: (N,).
+    Binary masks: a select, exact in any dtype (uint8 included).
+    """
+    n, _, h, w = x1.shape
+    keep = upsample(masks.to(x1.device), h, w).bool()[:, None]  # (1|N, 1, H, W)
+    return torch.where(keep, x1, x1[perm.to(x1.device)])

@@ -1,0 +1,43 @@
+"""Two CPU processes with gloo under `accelerate launch --cpu`: sharding exactness and DDP training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainrun import REPO, TINY, run_train
+
+pytestmark = pytest.mark.dist
+# The command of the README: accelerate's --cpu launcher plus train.py's fan-out to N processes.
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def test_every_sample_once_per_epoch_across_ranks(tiny_data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531"]
+    res = subprocess.run([*torchrun, str(REPO / "tests" / "loaders" / "dist_epoch_indices.py"), str(tiny_data), str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for epoch in ("0", "1"):
+        a, b = ranks[0]["seen"][epoch], ranks[1]["seen"][epoch]
+        assert len(a) == len(b) == 40  # 80 images, 2 ranks, batches of 8: equal counts
+        assert not set(a) & set(b)  # disjoint
+        assert sorted(a + b) == list(range(80))  # every sample exactly once
+    assert ranks[0]["seen"]["0"] != ranks[0]["seen"]["1"]  # reshuffled per epoch
+    assert ranks[0]["counts"] == ranks[1]["counts"]
+
+
+def test_two_process_training(tiny_data, tmp_path):
+    res = run_train(*TINY, f"data.root={tiny_data}", f"run.out_dir={tmp_path}", "run.name=ddp", "data.batch_size=8",
+                    "run.max_steps=3", launcher=LAUNCH)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["derived"]["world_size"] == 2 and summary["derived"]["global_batch"] == 16
+    assert summary["steps"] == 3 and summary["images_per_sec"] > 0

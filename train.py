@@ -1,0 +1,320 @@
+"""mixmask: self-supervised MoCo v2 + MixMask pretraining and its evaluations.
+
+    accelerate launch train.py [--config FILE ...] [section.field=value ...]        pretrain
+    accelerate launch train.py linear [--config FILE ...] [eval.checkpoint=PATH ...] linear probe
+    accelerate launch train.py knn [--config FILE ...] [eval.checkpoint=PATH ...]    kNN top-1
+
+Without --config, configs/demo.yaml is used (the embedded demo dataset). Plain ``python train.py``
+works too (one process). Outputs go to <run.out_dir>/<run.name>/ (see README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from loaders.demo import ensure_demo_dataset
+from loaders.device_stage import MixStage
+from loaders.folder import DataError, index_split
+from loaders.torchvision_backend import (
+    AugParams,
+    TorchvisionEvalLoader,
+    TorchvisionTrainLoader,
+    eval_transform,
+    probe_train_transform,
+)
+from mixmask.config import Config, ConfigError, load_config
+from mixmask.evaluation import knn_top1, linear_probe
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger("mixmask")
+
+
+def derived(cfg: Config, world: int, steps_per_epoch: int) -> dict:
+    """Every value computed from the config, in one place (logged and stored in the summary)."""
+    global_batch = cfg.data.batch_size * world * cfg.optim.grad_accum
+    return {
+        "world_size": world,
+        "global_batch": global_batch,
+        "lr": cfg.optim.lr * global_batch / 256,  # linear scaling rule
+        "steps_per_epoch": steps_per_epoch,
+        "warmup_steps": round(cfg.optim.warmup_epochs * steps_per_epoch),
+    }
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def make_accelerator(cfg: Config, run_dir: Path, trackers: bool):
+    from accelerate import Accelerator
+
+    precision = None if cfg.run.precision == "auto" else cfg.run.precision
+    return Accelerator(
+        mixed_precision=precision,
+        log_with="tensorboard" if trackers else None,
+        project_dir=str(run_dir),
+    )
+
+
+def data_root(cfg: Config, accelerator) -> Path:
+    if cfg.data.root:
+        return Path(cfg.data.root)
+    with accelerator.main_process_first():
+        return ensure_demo_dataset()
+
+
+def build_model(cfg: Config, world: int):
+    import torch.distributed as dist
+
+    from mixmask.moco import MoCoV2
+
+    m = cfg.model
+    return MoCoV2(
+        m.arch, m.stem, m.dim, m.mlp_hidden, m.queue, m.momentum, m.temperature, m.shuffle_bn,
+        group=dist.group.WORLD if world > 1 else None,
+    )
+
+
+def make_stage(cfg: Config, accelerator, masking: bool) -> MixStage:
+    dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
+    k = cfg.mask
+    return MixStage(
+        cfg.data.mean, cfg.data.std, dtype, cfg.data.channels_last, masking and k.enabled,
+        k.kind, k.grid, k.ratio, k.per_sample, k.partner, cfg.run.seed, accelerator.process_index,
+    )
+
+
+def eval_loader(cfg: Config, accelerator, root: Path, split: str, transform=None, shuffle=False):
+    return TorchvisionEvalLoader(
+        index_split(root, split),
+        transform or eval_transform(cfg.data.image_size, cfg.data.eval_resize),
+        make_stage(cfg, accelerator, masking=False),
+        batch_size=cfg.data.batch_size,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        workers=cfg.data.workers,
+        seed=cfg.run.seed,
+        shuffle=shuffle,
+        device=accelerator.device,
+    )
+
+
+def features_fn(model, accelerator):
+    net = accelerator.unwrap_model(model)
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        net.eval()
+        with torch.no_grad(), accelerator.autocast():
+            return net.features(x)
+
+    return features
+
+
+def knn_monitor(cfg: Config, model, accelerator, root: Path):
+    bank = eval_loader(cfg, accelerator, root, "train")
+    query = eval_loader(cfg, accelerator, root, "val")
+    num_classes = len(bank.classes)
+
+    def run() -> float:
+        return knn_top1(
+            features_fn(model, accelerator), bank, query, num_classes, cfg.run.knn_k, cfg.run.knn_t,
+            gather=accelerator.gather, progress=cfg.run.progress and accelerator.is_main_process,
+        )
+
+    return run
+
+
+def cmd_train(cfg: Config) -> dict:
+    from accelerate.utils import set_seed
+
+    from mixmask.checkpoint import latest_checkpoint
+    from mixmask.engine import TrainState, fit
+
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(cfg, run_dir, trackers=True)
+    started = time.perf_counter()
+    set_seed(cfg.run.seed)
+    root = data_root(cfg, accelerator)
+    train_index = index_split(root, "train")
+    index_split(root, "val")  # fail early on a bad val split
+    aug = AugParams(
+        cfg.data.image_size, cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.flip_p, cfg.data.jitter,
+        cfg.data.jitter_p, cfg.data.gray_p, cfg.data.blur_p, cfg.data.blur_sigma, cfg.data.solarize_p,
+    )
+    loader = TorchvisionTrainLoader(
+        train_index, aug, make_stage(cfg, accelerator, masking=True), cfg.data.batch_size,
+        accelerator.process_index, accelerator.num_processes, cfg.data.workers, cfg.data.prefetch,
+        cfg.run.seed, accelerator.device,
+    )
+    d = derived(cfg, accelerator.num_processes, len(loader) // cfg.optim.grad_accum)
+    model = build_model(cfg, accelerator.num_processes)
+    if cfg.data.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=d["lr"], momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    resolved = {"config": cfg.to_dict(), "derived": d, "git_sha": git_sha()}
+    ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        log.info("resumed from %s at epoch %d, step %d", ckpt, state.epoch, state.step)
+    if accelerator.is_main_process:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        log.info("run %s: %s", run_dir, json.dumps(d))
+    flat = {f"{s}.{k}": (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for s, sec in cfg.to_dict().items() for k, v in sec.items()}
+    accelerator.init_trackers("tb", config=flat)
+    monitor = knn_monitor(cfg, model, accelerator, root)
+    if math.isnan(state.knn_init):
+        state.knn_init = monitor()
+        log.info("kNN top-1 before training: %.2f%%", state.knn_init)
+    facts = fit(
+        accelerator, model, optimizer, loader, state, run_dir=run_dir, config=resolved,
+        epochs=cfg.optim.epochs, base_lr=d["lr"], warmup_steps=d["warmup_steps"], grad_accum=cfg.optim.grad_accum,
+        checkpoint_every=cfg.run.checkpoint_every, keep_checkpoints=cfg.run.keep_checkpoints,
+        max_steps=cfg.run.max_steps, log_every=cfg.run.log_every, monitor=monitor,
+        monitor_every=cfg.run.knn_every, progress=cfg.run.progress,
+    )
+    knn_final = monitor()
+    accelerator.log({"knn_top1": knn_final}, step=state.step)
+    summary = {
+        "epochs": state.epoch,
+        **facts,
+        "knn_top1": knn_final,
+        "knn_top1_init": state.knn_init,
+        "wall_seconds": time.perf_counter() - started,
+        **resolved,
+    }
+    if accelerator.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(
+            f"done: {state.epoch} epochs, {state.step} steps, {facts['images_per_sec']:.0f} img/s, "
+            f"kNN top-1 {state.knn_init:.2f}% -> {knn_final:.2f}%  ({run_dir / 'summary.json'})"
+        )
+    accelerator.end_training()
+    return summary
+
+
+def load_pretrained(cfg: Config, accelerator):
+    """The MoCo model of ``eval.checkpoint`` (default: the run's latest), built from its stored config."""
+    from safetensors.torch import load_file
+
+    from mixmask.checkpoint import resolve_weights
+    from mixmask.config import apply_overrides
+
+    weights = resolve_weights(cfg.eval.checkpoint or Path(cfg.run.out_dir) / cfg.run.name)
+    stored = weights.parent / "config.json"
+    if stored.is_file():  # the architecture comes from the checkpoint, not the current config
+        apply_overrides(cfg, {"model": json.loads(stored.read_text())["config"]["model"]}, str(stored))
+    model = build_model(cfg, 1)
+    model.load_state_dict(load_file(str(weights)))
+    return model.to(accelerator.device), weights
+
+
+def cmd_eval(cfg: Config, kind: str) -> dict:
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    accelerator = make_accelerator(cfg, run_dir, trackers=False)
+    root = data_root(cfg, accelerator)
+    model, weights = load_pretrained(cfg, accelerator)
+    features = features_fn(model, accelerator)
+    progress = cfg.run.progress and accelerator.is_main_process
+    if kind == "knn":
+        monitor = knn_monitor(cfg, model, accelerator, root)
+        result = {"knn_top1": monitor(), "k": cfg.run.knn_k, "t": cfg.run.knn_t}
+    else:
+        e = cfg.eval
+        train = eval_loader(
+            cfg, accelerator, root, "train", probe_train_transform(cfg.data.image_size) if e.augment else None,
+            shuffle=e.augment,
+        )
+        val = eval_loader(cfg, accelerator, root, "val")
+        result = linear_probe(
+            features, model.width, train, val, len(train.classes), e.epochs, e.lr, e.weight_decay, e.milestones,
+            e.augment, e.batch_size, accelerator.device, accelerator.gather, train.set_epoch, progress, cfg.run.seed,
+        )
+        result.update(epochs=e.epochs, lr=e.lr, augment=e.augment)
+    result["checkpoint"] = str(weights)
+    if accelerator.is_main_process:
+        out = weights.parent / f"{kind}.json"
+        out.write_text(json.dumps(result, indent=2))
+        print(f"{kind}: top-1 {result.get('top1', result.get('knn_top1')):.2f}%  ({out})")
+    return result
+
+
+def fan_out_cpu_processes(argv: list[str]) -> int | None:
+    """Make `accelerate launch --cpu --num_processes N` (N > 1) start N processes.
+
+    accelerate 1.15's launcher starts ONE process for --cpu and leaves the fan-out to mpirun
+    (``--mpirun_hostfile``); without it the run would silently train on one process. Here the
+    requested N is read from the launcher's command line and the processes are started with
+    torch.distributed.run (gloo on the CPU). Returns the exit code, or None when nothing to do.
+    """
+    env = os.environ
+    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or "MASTER_ADDR" not in env:
+        return None
+    if any(k in env for k in ("LOCAL_RANK", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
+        return None
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return None
+    n = 1
+    for i, arg in enumerate(parent):
+        if arg == "--num_processes" and i + 1 < len(parent):
+            n = int(parent[i + 1])
+        elif arg.startswith("--num_processes="):
+            n = int(arg.split("=", 1)[1])
+    if n <= 1:
+        return None
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
+           f"--master_addr={env['MASTER_ADDR']}", f"--master_port={env.get('MASTER_PORT', '29500')}",
+           str(Path(__file__).resolve()), *argv]
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    code = fan_out_cpu_processes(argv)
+    if code is not None:
+        return code
+    command = argv.pop(0) if argv and argv[0] in ("train", "linear", "knn") else "train"
+    parser = argparse.ArgumentParser(prog=f"train.py {command}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", default=None, help="YAML file(s) of overrides, in order")
+    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config or [DEFAULT_CONFIG], args.overrides)
+        if command == "train":
+            cmd_train(cfg)
+        else:
+            cmd_eval(cfg, command)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
