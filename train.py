@@ -86,7 +86,7 @@ def build_model(cfg: Config, world: int):
 
     m = cfg.model
     return MoCoV2(
-        m.arch, m.stem, m.dim, m.mlp_hidden, m.queue, m.momentum, m.temperature, m.shuffle_bn,
+        m.arch, m.stem, m.dim, m.mlp_hidden, m.queue, m.momentum, m.temperature, m.shuffle_bn, m.bn_splits,
         group=dist.group.WORLD if world > 1 else None,
     )
 
@@ -97,6 +97,7 @@ def make_stage(cfg: Config, accelerator, masking: bool) -> MixStage:
     return MixStage(
         cfg.data.mean, cfg.data.std, dtype, cfg.data.channels_last, masking and k.enabled,
         k.kind, k.grid, k.ratio, k.per_sample, k.partner, cfg.run.seed, accelerator.process_index,
+        accelerator.num_processes, k.route,
     )
 
 

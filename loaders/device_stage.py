@@ -2,6 +2,8 @@
 
 Masks are drawn per (seed, epoch, step, rank), so a run is reproducible and resumes exactly; one mask
 per batch (the paper) or one per sample. The partner permutation is the same one the loss uses.
+Route "auto" uses our Numba kernels (counter-based Philox masks, fused normalise + mix) when numba is
+importable for the device, else the torch reference (masks from a torch.Generator keyed the same way).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 
 from mixmask import masks as mk
 from mixmask.batch import Batch
-from mixmask.fused import normalize, normalize_and_mix
+from mixmask.fused import Route, kernels_for, normalize, normalize_and_mix
 
 
 class MixStage:
@@ -29,16 +31,24 @@ class MixStage:
         partner: mk.Partner = "auto",
         seed: int = 0,
         rank: int = 0,
+        world: int = 1,
+        route: Route = "auto",
     ):
         self.mean, self.std, self.dtype, self.channels_last = mean, std, dtype, channels_last
         self.enabled, self.kind, self.grid, self.ratio = enabled, kind, grid, ratio
-        self.per_sample, self.partner, self.seed, self.rank = per_sample, partner, seed, rank
+        self.per_sample, self.partner, self.seed, self.rank, self.world = per_sample, partner, seed, rank, world
+        self.route = route
 
     def masks_for(self, n: int, epoch: int, step: int) -> torch.Tensor:
         """The step's grid masks.  -> (N or 1, g, g) uint8 on the CPU"""
-        key = np.random.SeedSequence([self.seed, epoch, step, self.rank, 0x3A5C])
+        count = n if self.per_sample else 1
+        batch_index = step * self.world + self.rank  # unique per (step, rank)
+        k = None if self.route == "torch" else kernels_for("cpu")
+        if k is not None:
+            return torch.from_numpy(k.sample_masks(self.kind, count, self.grid, self.ratio, self.seed, epoch, batch_index))
+        key = np.random.SeedSequence([self.seed, epoch, batch_index, 0x3A5C])
         gen = torch.Generator().manual_seed(int(key.generate_state(1, np.uint64)[0] >> 1))
-        return mk.sample_masks(self.kind, n if self.per_sample else 1, self.grid, self.ratio, gen)
+        return mk.sample_masks(self.kind, count, self.grid, self.ratio, gen)
 
     def __call__(
         self,
@@ -56,9 +66,11 @@ class MixStage:
             perm = mk.partner_permutation(n, self.partner, v1.device)
             lam = mk.realised_lam(masks, h, w).expand(n).contiguous().to(v1.device)  # (N,)
             masks = masks.to(v1.device)
-        x1, x2, mixed = normalize_and_mix(v1, v2, masks, perm, self.mean, self.std, self.dtype, self.channels_last)
+        x1, x2, mixed = normalize_and_mix(
+            v1, v2, masks, perm, self.mean, self.std, self.dtype, self.channels_last, self.route
+        )
         return Batch(x1, x2, mixed, perm, lam, labels, masks, index)
 
     def normalize(self, v: torch.Tensor) -> torch.Tensor:
         """One uint8 view (N, H, W, 3) -> normalised (N, 3, H, W), no mixing."""
-        return normalize(v, self.mean, self.std, self.dtype, self.channels_last)
+        return normalize(v, self.mean, self.std, self.dtype, self.channels_last, self.route)

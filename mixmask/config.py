@@ -53,6 +53,7 @@ class MaskConfig:
     ratio: float = 0.5  # r: target fraction of cells filled from the partner image
     per_sample: bool = False  # False = one mask per batch (the paper), True = one per sample
     partner: Literal["auto", "reverse", "roll"] = "auto"  # auto: reverse for even N, roll by one for odd N
+    route: Literal["auto", "numba", "torch"] = "auto"  # masks + fused normalise/mix: our Numba kernels or torch
 
 
 @dataclass
@@ -66,6 +67,7 @@ class ModelConfig:
     momentum: float = 0.999  # m: key-encoder EMA coefficient
     temperature: float = 0.2  # T in the InfoNCE logits
     shuffle_bn: bool = True  # shuffle keys across processes before the key encoder (MoCo)
+    bn_splits: int = 1  # one process: emulate this many processes for BN (shuffle-BN); see mixmask/moco.py
 
 
 @dataclass

@@ -49,10 +49,12 @@ class MoCoV2(nn.Module):
         momentum: float = 0.999,
         temperature: float = 0.2,
         shuffle_bn: bool = True,
+        bn_splits: int = 1,
         group=None,
     ):
         super().__init__()
         self.m, self.t, self.shuffle_bn, self.group = momentum, temperature, shuffle_bn, group
+        self.bn_splits = bn_splits
         self.encoder_q = Encoder(arch, stem, dim, mlp_hidden)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
@@ -77,8 +79,12 @@ class MoCoV2(nn.Module):
     def _keys(self, x2: torch.Tensor) -> torch.Tensor:
         """k = normalize(f_k(x2)), with the batch shuffled across processes (shuffle-BN).  -> (N, D)"""
         world = _world(self.group)
-        if not self.shuffle_bn or world == 1:
+        if not self.shuffle_bn:
             return F.normalize(self.encoder_k(x2).float(), dim=1)
+        if world == 1:  # emulated processes: BN statistics per chunk of a random shuffle
+            shuffle = torch.randperm(x2.shape[0], device=x2.device)
+            k = self._split(self.encoder_k, x2[shuffle])
+            return F.normalize(k.float(), dim=1)[torch.argsort(shuffle)]
         n, rank = x2.shape[0], dist.get_rank(self.group)
         x_all = all_gather_cat(x2, self.group)  # (W N, 3, H, W)
         shuffle = torch.randperm(x_all.shape[0], device=x2.device)
@@ -88,6 +94,12 @@ class MoCoV2(nn.Module):
         k = F.normalize(self.encoder_k(x_all[mine]).float(), dim=1)  # (N, D), shuffled
         k_all = all_gather_cat(k, self.group)  # (W N, D)
         return k_all[unshuffle[rank * n : (rank + 1) * n]]
+
+    def _split(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """encoder(x) with BN statistics per chunk: bn_splits emulated processes (one process only)."""
+        if self.bn_splits == 1 or _world(self.group) > 1:
+            return encoder(x)
+        return torch.cat([encoder(c) for c in x.chunk(self.bn_splits)])
 
     @torch.no_grad()
     def _enqueue(self, k: torch.Tensor) -> None:
@@ -107,8 +119,8 @@ class MoCoV2(nn.Module):
         perm: torch.Tensor | None = None,  # (N,)
         lam: torch.Tensor | None = None,  # (N,)
     ) -> dict[str, torch.Tensor]:
-        q = F.normalize(self.encoder_q(x1).float(), dim=1)  # (N, D)
-        q_mix = None if mixed is None else F.normalize(self.encoder_q(mixed).float(), dim=1)  # (N, D)
+        q = F.normalize(self._split(self.encoder_q, x1).float(), dim=1)  # (N, D)
+        q_mix = None if mixed is None else F.normalize(self._split(self.encoder_q, mixed).float(), dim=1)
         self._momentum_update()
         k = self._keys(x2)  # (N, D)
         out = mixmask_loss(q, k, self.queue.clone().detach(), self.t, q_mix, perm, lam)

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from mixmask import masks as mk
-from mixmask.fused import normalize_and_mix
 
 
 def gen(seed=0):
@@ -115,33 +114,3 @@ def test_mix_takes_pixels_from_the_right_source(per_sample):
         expect = np.where(ref == 1, j, perm[j].item())
         assert np.array_equal(mixed[j, 0].numpy(), expect)
         assert torch.equal(mixed[j, 0], mixed[j, 2])  # same mask on every channel
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_normalize_and_mix_matches_float_reference(dtype, channels_last):
-    n, h, w = 4, 10, 14
-    rng = torch.Generator().manual_seed(7)
-    v1 = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=rng)
-    v2 = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=rng)
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    m = mk.sample_masks("block", 1, 4, 0.5, gen(8))
-    perm = mk.partner_permutation(n)
-    x1, x2, mixed = normalize_and_mix(v1, v2, m, perm, mean, std, dtype, channels_last)
-    # reference written from the formula: float blend with the upsampled mask, then normalise
-    f1 = v1.permute(0, 3, 1, 2).double()
-    M = torch.from_numpy(full_mask_loops(m[0].numpy(), h, w)).double()
-    blend = M * f1 + (1 - M) * f1[perm]
-    mu = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1) * 255
-    sd = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1) * 255
-    for got, ref in ((x1, (f1 - mu) / sd), (x2, (v2.permute(0, 3, 1, 2).double() - mu) / sd), (mixed, (blend - mu) / sd)):
-        assert got.dtype == dtype and got.shape == (n, 3, h, w)
-        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        assert torch.equal(got, ref.float().to(dtype))  # one rounding from the float32 value
-
-
-def test_normalize_and_mix_without_masks():
-    v = torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
-    x1, x2, mixed = normalize_and_mix(v, v, None, None, (0.5,) * 3, (0.5,) * 3)
-    assert mixed is None and x1.shape == (2, 3, 4, 4)
-    assert torch.allclose(x1, torch.full_like(x1, -1.0))
