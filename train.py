@@ -86,7 +86,7 @@ def build_model(cfg: Config, world: int):
 
     m = cfg.model
     return MoCoV2(
-        m.arch, m.stem, m.dim, m.mlp_hidden, m.queue, m.momentum, m.temperature, m.shuffle_bn, m.bn_splits,
+        m.arch, m.stem, m.dim, m.mlp_hidden, m.queue, m.momentum, m.temperature, m.shuffle_bn, m.bn_splits, cfg.run.seed,
         group=dist.group.WORLD if world > 1 else None,
     )
 

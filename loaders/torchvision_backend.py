@@ -165,6 +165,9 @@ class _Base:
             pin_memory=self.device.type == "cuda",
             prefetch_factor=prefetch if workers > 0 else None,
             persistent_workers=workers > 0,
+            # a private generator: iterating never consumes the global torch RNG (exact resume);
+            # the samples' own seeds come from (seed, epoch, index)
+            generator=torch.Generator().manual_seed(0),
         )
 
     def _note_bad(self, bad: list[str]) -> None:

@@ -50,17 +50,26 @@ class MoCoV2(nn.Module):
         temperature: float = 0.2,
         shuffle_bn: bool = True,
         bn_splits: int = 1,
+        seed: int = 0,
         group=None,
     ):
         super().__init__()
         self.m, self.t, self.shuffle_bn, self.group = momentum, temperature, shuffle_bn, group
-        self.bn_splits = bn_splits
+        self.bn_splits, self.seed = bn_splits, seed
         self.encoder_q = Encoder(arch, stem, dim, mlp_hidden)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))  # (D, K)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("shuffles", torch.zeros((), dtype=torch.long))  # key shuffles drawn so far
+
+    def _shuffle(self, n: int, device: torch.device) -> torch.Tensor:
+        """The next shuffle-BN permutation, a function of (seed, count) only: exact on resume and the
+        same on every process (no dependence on the global RNG, which data loading also consumes)."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.shuffles))
+        self.shuffles += 1
+        return torch.randperm(n, generator=gen).to(device)
 
     @property
     def width(self) -> int:
@@ -82,13 +91,14 @@ class MoCoV2(nn.Module):
         if not self.shuffle_bn:
             return F.normalize(self.encoder_k(x2).float(), dim=1)
         if world == 1:  # emulated processes: BN statistics per chunk of a random shuffle
-            shuffle = torch.randperm(x2.shape[0], device=x2.device)
+            if self.bn_splits == 1:
+                return F.normalize(self.encoder_k(x2).float(), dim=1)  # one BN batch: order is irrelevant
+            shuffle = self._shuffle(x2.shape[0], x2.device)
             k = self._split(self.encoder_k, x2[shuffle])
             return F.normalize(k.float(), dim=1)[torch.argsort(shuffle)]
         n, rank = x2.shape[0], dist.get_rank(self.group)
         x_all = all_gather_cat(x2, self.group)  # (W N, 3, H, W)
-        shuffle = torch.randperm(x_all.shape[0], device=x2.device)
-        dist.broadcast(shuffle, src=dist.get_global_rank(self.group, 0), group=self.group)
+        shuffle = self._shuffle(x_all.shape[0], x2.device)  # identical on every process
         unshuffle = torch.argsort(shuffle)
         mine = shuffle[rank * n : (rank + 1) * n]
         k = F.normalize(self.encoder_k(x_all[mine]).float(), dim=1)  # (N, D), shuffled
