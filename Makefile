@@ -12,7 +12,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 NPROC  ?= 1
 
-.PHONY: setup apt train test test-all bench-kernels clean
+.PHONY: setup apt train test bench-kernels clean
 
 setup: $(STAMP)
 
@@ -32,16 +32,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# No GPU: accelerate's --cpu launcher (train.py fans out to NPROC gloo processes); GPUs: --multi_gpu.
+DEVICE_FLAG = $(shell $(PY) -c "import torch; n = torch.cuda.device_count(); print('--cpu' if n == 0 else ('--multi_gpu' if $(NPROC) > 1 else ''))")
+
 train: setup
-	$(VENV)/bin/accelerate launch --num_processes $(NPROC) --num_machines 1 --mixed_precision no \
+	$(VENV)/bin/accelerate launch $(DEVICE_FLAG) --num_processes $(NPROC) --num_machines 1 --mixed_precision no \
 	  --dynamo_backend no train.py $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
-
-# Everything, the slow end-to-end runs included.
-test-all: setup
-	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
 
 bench-kernels: setup
 	$(PY) -m benchmarks.kernels --json bench-out/kernels.json
