@@ -198,6 +198,7 @@ class TorchvisionTrainLoader(_Base):
     ):
         self.n = len(index)
         self.world, self.batch_size, self.stage = world, batch_size, stage
+        self.start_batch = 0
         views = [view_transform(aug), view_transform(aug)]
         sampler = _ShardSampler(self.n, rank, world, batch_size, seed, shuffle=True, drop_last=True)
         super().__init__(_ImageDataset(index, views, seed), sampler, batch_size, workers, prefetch, True, device)
@@ -208,10 +209,10 @@ class TorchvisionTrainLoader(_Base):
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch (seeds the order and augmentations) and skip its first batches (resume)."""
         self.sampler.epoch, self.sampler.start = epoch, start_batch
-        self.start_batch = start_batch
+        self.start_batch = start_batch  # the step index of the first batch (keys the masks)
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch, step = self.sampler.epoch, getattr(self, "start_batch", 0)
+        epoch, step = self.sampler.epoch, self.start_batch
         for v1, v2, labels, idx, bad in self.loader:
             self._note_bad(bad)
             yield self.stage(self._to_device(v1), self._to_device(v2), self._to_device(labels), idx, epoch, step)
