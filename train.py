@@ -196,6 +196,12 @@ def cmd_train(cfg: Config) -> dict:
         max_steps=cfg.run.max_steps, log_every=cfg.run.log_every, monitor=monitor,
         monitor_every=cfg.run.knn_every, progress=cfg.run.progress,
     )
+    if facts["interrupted"]:
+        if accelerator.is_main_process:
+            print(f"interrupted at step {state.step}: checkpoint written in {run_dir}; "
+                  "run the same command again to resume", file=sys.stderr)
+        accelerator.end_training()
+        raise SystemExit(128 + facts["interrupted"])
     knn_final = monitor()
     accelerator.log({"knn_top1": knn_final}, step=state.step)
     summary = {

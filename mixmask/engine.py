@@ -8,6 +8,10 @@ weights (queue and key encoder included), optimizer, RNG states and the TrainSta
 The data position is restored by the loader's ``set_epoch(epoch, start_batch)``: its order,
 augmentations and masks are functions of (seed, epoch, index/step), not of history.
 
+SIGINT/SIGTERM: the step in flight finishes, a checkpoint is written and fit returns with
+``interrupted`` set (all processes agree on the stop through one all-reduce per step); a second
+signal aborts at once. Rerunning the same command resumes.
+
 The loader contract: ``len(loader)`` batches per epoch per process, ``set_epoch(epoch, start_batch)``,
 iteration yields mixmask.batch.Batch, optional ``bad_files`` (a set of skipped files).
 """
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -45,6 +51,28 @@ class TrainState:
     def load_state_dict(self, d: dict) -> None:
         for k, v in d.items():
             setattr(self, k, v)
+
+
+class StopOnSignal:
+    """While active, the first SIGINT/SIGTERM only sets ``requested``; a second one aborts."""
+
+    def __init__(self):
+        self.requested, self.signum, self._old = False, 0, {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+        print(f"\nsignal {signum}: stopping after this step and writing a checkpoint (again to abort)", flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
 
 
 def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
@@ -102,51 +130,66 @@ def fit(
     def checkpoint() -> None:
         save_checkpoint(accelerator, run_dir, state.step, config, keep_checkpoints)
 
+    stop = StopOnSignal()
+
+    def stop_requested() -> bool:
+        if accelerator.num_processes == 1:
+            return stop.requested
+        flag = torch.tensor([float(stop.requested)], device=accelerator.device)
+        stop.requested = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        return stop.requested
+
     model.train()
-    while state.epoch < epochs and state.step < end_step:
-        loader.set_epoch(state.epoch, state.step_in_epoch * grad_accum)
-        batches = iter(loader)
-        while state.step_in_epoch < steps_per_epoch and state.step < end_step:
-            t0 = time.perf_counter()
-            lr = cosine_lr(state.step, total_steps, warmup_steps, base_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = 0
-            for micro in range(grad_accum):
-                b = next(batches)
-                sync = micro == grad_accum - 1
-                with nullcontext() if sync else accelerator.no_sync(model):
-                    out = model(b.x1, b.x2, b.mixed, b.perm, b.lam)
-                    accelerator.backward(out["loss"] / grad_accum)
-                images += b.size * accelerator.num_processes
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.step_in_epoch += 1
-            last_loss = out["loss"].item()  # also synchronises the device: honest step timing
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(f"loss is {last_loss} at step {state.step}; lower optim.lr or check the data")
-            dt = time.perf_counter() - t0
-            if state.step - start_step > warm:
-                timed_images += images
-                timed_seconds += dt
-            if state.step % log_every == 0 or state.step == end_step or state.step - start_step <= 3:
-                values = {"loss": last_loss, "lr": lr, "images_per_sec": images / dt}
-                values.update({k: v.item() for k, v in out.items() if k != "loss"})
-                log(values)
-            bar.set_postfix(epoch=state.epoch, loss=f"{last_loss:.3f}", img_s=f"{images / dt:.0f}")
-            bar.update(1)
-            if checkpoint_every and state.step % checkpoint_every == 0 and state.step_in_epoch < steps_per_epoch:
-                checkpoint()
-        if state.step_in_epoch == steps_per_epoch:
-            state.epoch += 1
-            state.step_in_epoch = 0
-            if monitor is not None and monitor_every and state.epoch % monitor_every == 0 and state.epoch < epochs:
-                state.knn_last = monitor()
-                model.train()
-                log({"knn_top1": state.knn_last})
-                bar.write(f"epoch {state.epoch}: kNN top-1 {state.knn_last:.2f}%")
-        checkpoint()
+    with stop:
+        while state.epoch < epochs and state.step < end_step:
+            loader.set_epoch(state.epoch, state.step_in_epoch * grad_accum)
+            batches = iter(loader)
+            while state.step_in_epoch < steps_per_epoch and state.step < end_step:
+                t0 = time.perf_counter()
+                lr = cosine_lr(state.step, total_steps, warmup_steps, base_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                images = 0
+                for micro in range(grad_accum):
+                    b = next(batches)
+                    sync = micro == grad_accum - 1
+                    with nullcontext() if sync else accelerator.no_sync(model):
+                        out = model(b.x1, b.x2, b.mixed, b.perm, b.lam)
+                        accelerator.backward(out["loss"] / grad_accum)
+                    images += b.size * accelerator.num_processes
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.step_in_epoch += 1
+                last_loss = out["loss"].item()  # also synchronises the device: honest step timing
+                if not math.isfinite(last_loss):
+                    raise FloatingPointError(f"loss is {last_loss} at step {state.step}; lower optim.lr or check the data")
+                dt = time.perf_counter() - t0
+                if state.step - start_step > warm:
+                    timed_images += images
+                    timed_seconds += dt
+                if state.step % log_every == 0 or state.step == end_step or state.step - start_step <= 3:
+                    values = {"loss": last_loss, "lr": lr, "images_per_sec": images / dt}
+                    values.update({k: v.item() for k, v in out.items() if k != "loss"})
+                    log(values)
+                bar.set_postfix(epoch=state.epoch, loss=f"{last_loss:.3f}", img_s=f"{images / dt:.0f}")
+                bar.update(1)
+                if stop_requested():
+                    break
+                if checkpoint_every and state.step % checkpoint_every == 0 and state.step_in_epoch < steps_per_epoch:
+                    checkpoint()
+            if state.step_in_epoch == steps_per_epoch:
+                state.epoch += 1
+                state.step_in_epoch = 0
+                due = monitor is not None and monitor_every and state.epoch % monitor_every == 0
+                if due and state.epoch < epochs and not stop.requested:
+                    state.knn_last = monitor()
+                    model.train()
+                    log({"knn_top1": state.knn_last})
+                    bar.write(f"epoch {state.epoch}: kNN top-1 {state.knn_last:.2f}%")
+            checkpoint()
+            if stop.requested:
+                break
     bar.close()
     return {
         "steps": state.step,
@@ -154,4 +197,5 @@ def fit(
         "loss_final": last_loss,
         "images_per_sec": timed_images / timed_seconds if timed_seconds else float("nan"),
         "bad_files": len(getattr(loader, "bad_files", ())),
+        "interrupted": stop.signum,  # 0, or the signal that stopped the run
     }

@@ -113,3 +113,34 @@ def test_corrupt_image_is_skipped_and_counted(tiny_data, tmp_path):
     assert victims[0].name in res.stderr and "skipped unreadable image" in res.stderr
     summary = json.loads((tmp_path / "bad" / "summary.json").read_text())
     assert summary["bad_files"] == 2
+
+
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tiny_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from trainrun import REPO
+
+    args = tiny_args(tiny_data, tmp_path, "sig", "optim.epochs=50", "run.checkpoint_every=0")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "sig" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and sum(1 for _ in metrics.open()) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "interrupted at step" in err
+    last = max(m["step"] for m in read_metrics(tmp_path / "sig") if "loss" in m)
+    assert (tmp_path / "sig" / "latest").read_text().strip() == f"checkpoint-{last:08d}"
+    res = run_train(*args, f"run.max_steps={last + 2}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'sig' / f'checkpoint-{last:08d}'}" in res.stderr
+    assert json.loads((tmp_path / "sig" / "summary.json").read_text())["steps"] == last + 2
