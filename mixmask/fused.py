@@ -117,8 +117,5 @@ def normalize_and_mix(
 
 def normalize(v: torch.Tensor, mean: Stats, std: Stats, dtype: torch.dtype = torch.float32,
               channels_last: bool = True, route: Route = "auto") -> torch.Tensor:
-    """One uint8 view (N, H, W, 3) -> normalised (N, 3, H, W), no mixing."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if route == "torch" or kernels_for(v.device.type) is None:
-        return _torch_normalize(v, normalize_lut(mean, std, dtype, v.device), fmt)
+    """One uint8 view (N, H, W, 3) -> normalised (N, 3, H, W), no mixing (same routes and checks)."""
     return normalize_and_mix(v, None, None, None, mean, std, dtype, channels_last, route)[0]
