@@ -16,8 +16,10 @@ batch at g=8, r=0.5, perm = roll by one, channels_last outputs):
 - Buffers are 64-byte aligned, as torch's CPU allocator makes them.
 - torch_ref_ms: the same outputs as separate torch ops (permute, float, normalise, F.interpolate
   nearest of the mask, blend, cast), all threads.
-- On a CUDA machine (numba.cuda and torch.cuda available) also the CUDA kernel on torch tensors,
-  timed with CUDA events, against a device-to-device copy of the same bytes.
+- On a CUDA machine (numba.cuda and torch.cuda available) also the CUDA kernel on torch tensors
+  (vectorised and per-element variants), timed with CUDA events behind a spin kernel so that only
+  GPU time is counted, against a device-to-device copy of the same bytes and the torch ops on the
+  GPU; host_us_per_call is the Python-side cost of one launch (it overlaps GPU work).
 The JSON holds every number plus the device (CPU model, cores, versions, date, load average).
 
 Measured 2026-11-22 15:00 (AMD EPYC Zen 5 VM, 2 vCPUs shared with other jobs, load average ~3;
@@ -230,48 +232,87 @@ def _bench_cpu(n, size, dtype_name, repeats, torch_repeats, g, ratio, seed) -> d
     }
 
 
-def bench_cuda(n, size, dtype_name, repeats, g=8, ratio=0.5, seed=0) -> dict:
+def bench_cuda(n, size, dtype_name, repeats, g=8, ratio=0.5, seed=0, vectorize=True,
+               torch_ref=True) -> dict:
+    """One CUDA row: the kernel on torch tensors (CUDA events, median of `repeats`), a device-to-
+    device copy of bytes_moved / 2 in the same rounds, and the unfused torch ops on the GPU."""
     import torch
     from numba import cuda
     from kernels.mix_cuda import fused_mix_cuda
     dev = torch.device("cuda")
-    tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.int16}[dtype_name]
-    shape = (n, size, size, 3)
-    v1 = torch.randint(0, 256, shape, dtype=torch.uint8, device=dev)
-    v2 = torch.randint(0, 256, shape, dtype=torch.uint8, device=dev)
-    masks = torch.from_numpy(sample_masks("block", 1, g, ratio, seed, 0, 0)).to(dev)
-    perm = torch.roll(torch.arange(n, device=dev), 1)
-    outs = [torch.empty(shape, dtype=tdt, device=dev) for _ in range(3)]
+    tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype_name]
+    v1_h, v2_h, masks_h, perm_h = _inputs(n, size, g, ratio, seed)
+    v1, v2 = torch.from_numpy(v1_h).to(dev), torch.from_numpy(v2_h).to(dev)  # (N, H, W, 3) uint8
+    masks, perm = torch.from_numpy(masks_h).to(dev), torch.from_numpy(perm_h).to(dev)
+    ts = [torch.empty(n, 3, size, size, dtype=tdt, device=dev).to(memory_format=torch.channels_last)
+          for _ in range(3)]
+    outs = [t.permute(0, 2, 3, 1) for t in ts]            # (N, H, W, 3) C-contiguous views
+    if dtype_name == "bfloat16":
+        outs = [o.view(torch.int16) for o in outs]
     stream = cuda.external_stream(torch.cuda.current_stream().cuda_stream)
-    itemsize = outs[0].element_size()
+    itemsize = ts[0].element_size()
     bytes_moved = 2 * v1.numel() + 3 * v1.numel() * itemsize
 
     def fused():
-        fused_mix_cuda(v1, v2, masks, perm, MEAN, STD, *outs, stream=stream)
+        fused_mix_cuda(v1, v2, masks, perm, MEAN, STD, *outs, stream=stream, vectorize=vectorize)
     t0 = time.perf_counter()
     fused()
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
+    k = min(n, 4)                                          # check a few samples against numpy
+    refs = [np.empty((k, size, size, 3), NP_DTYPES[dtype_name]) for _ in range(3)]
+    fused_mix_reference(v1_h[:k], v2_h[:k], masks_h, np.roll(np.arange(k, dtype=np.int64), 1),
+                        MEAN, STD, *refs)             # samples 1..k-1 have the same partners (j - 1)
+    got = [o[:k].cpu().numpy() for o in outs]
+    ok = all(np.array_equal(g_.view(np.uint8), r.view(np.uint8)) for g_, r in zip(got[:2], refs[:2]))
+    ok = ok and np.array_equal(got[2][1:].view(np.uint8), refs[2][1:].view(np.uint8))
     src = torch.ones(bytes_moved // 2, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
-    def events(fn):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    def gpu_time(fn, reps=10):
+        """(GPU seconds per call, host seconds per call). The stream is first held by a ~30 ms
+        spin kernel, so the host has enqueued all reps before the GPU reaches them and the events
+        time the GPU work alone (launches from Python cost more than a small kernel runs)."""
         fn()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(50_000_000)
         start.record()
-        fn()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        host = (time.perf_counter() - t) / reps
         end.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t_f, t_c = [], []
+        return start.elapsed_time(end) / 1e3 / reps, host
+    t_f, t_c, t_h = [], [], []
     for _ in range(repeats):
-        t_f.append(events(fused))
-        t_c.append(events(lambda: dst.copy_(src)))
+        gt, ht = gpu_time(fused)
+        t_f.append(gt)
+        t_h.append(ht)
+        t_c.append(gpu_time(lambda: dst.copy_(src))[0])
     fs, cs = statistics.median(t_f), statistics.median(t_c)
-    return {"backend": "cuda", "dtype": dtype_name, "layout": "channels_last", "n": n, "size": size,
-            "bytes_moved": bytes_moved, "fused_ms": 1e3 * fs, "fused_gbps": bytes_moved / fs / 1e9,
-            "copy_gbps": bytes_moved / cs / 1e9, "fused_over_copy": cs / fs, "warmup_s": warmup_s,
-            "gpu": torch.cuda.get_device_name()}
+    torch_ms = None
+    if torch_ref:
+        mean = torch.from_numpy(MEAN).to(dev).view(1, 3, 1, 1)
+        std = torch.from_numpy(STD).to(dev).view(1, 3, 1, 1)
+        m = masks.float()[:, None]
+
+        def ref():
+            x1 = (v1.permute(0, 3, 1, 2).float() - mean) / std
+            x2 = (v2.permute(0, 3, 1, 2).float() - mean) / std
+            up = torch.nn.functional.interpolate(m, size=(size, size), mode="nearest")
+            mixed = up * x1 + (1 - up) * x1[perm]
+            return x1.to(tdt), x2.to(tdt), mixed.to(tdt)
+        torch_ms = 1e3 * statistics.median(gpu_time(ref, 3)[0] for _ in range(max(3, repeats // 2)))
+    return {"backend": "cuda", "variant": "vector" if vectorize else "scalar", "dtype": dtype_name,
+            "layout": "channels_last", "n": n, "size": size, "bytes_moved": bytes_moved,
+            "fused_ms": 1e3 * fs, "fused_ms_all": [1e3 * t for t in t_f],
+            "fused_gbps": bytes_moved / fs / 1e9, "copy_gbps": bytes_moved / cs / 1e9,
+            "fused_over_copy": cs / fs, "torch_ref_ms": torch_ms,
+            "host_us_per_call": 1e6 * statistics.median(t_h),
+            "speedup_vs_torch": torch_ms / (1e3 * fs) if torch_ms else None,
+            "warmup_s": warmup_s, "matches_reference": bool(ok), "gpu": torch.cuda.get_device_name()}
 
 
 def _cuda_available() -> bool:
@@ -297,6 +338,7 @@ def main(argv=None) -> int:
                     help="also time the kernel and the copies on one thread (per-core efficiency; far "
                          "less sensitive than the all-thread rows to other jobs on a shared machine)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run for CI")
+    ap.add_argument("--skip-cpu", action="store_true", help="CUDA rows only (on a GPU machine)")
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.size, args.repeats, args.torch_repeats = 4, 32, 2, 1
@@ -304,23 +346,27 @@ def main(argv=None) -> int:
     if any(d not in NP_DTYPES for d in dtypes):
         ap.error(f"--dtypes must be among {sorted(NP_DTYPES)}")
 
+    if args.skip_cpu and not _cuda_available():
+        ap.error("--skip-cpu needs a CUDA GPU (torch.cuda and numba.cuda)")
     device = _device_info()
     # the kernel/copy rows first, the torch references after them all, so nothing but the row itself
     # runs between its kernel and copy rounds. Seen on the 2-vCPU VM: a row run later sometimes gets a
     # faster memory regime for both its copy and its kernel (e.g. copy 91 vs 52 GB/s for the same
     # bytes): compare the kernel with the copy of its own row, and across several runs.
-    rows = [bench_cpu(args.n, args.size, d, args.repeats, 0) for d in dtypes]
+    rows = [] if args.skip_cpu else [bench_cpu(args.n, args.size, d, args.repeats, 0) for d in dtypes]
     for r in rows:
         if args.torch_repeats:
             r["torch_ref_ms"] = bench_torch_reference(args.n, args.size, r["dtype"], args.torch_repeats)
             r["speedup_vs_torch"] = r["torch_ref_ms"] / r["fused_ms"]
-    if args.single_thread:
+    if args.single_thread and not args.skip_cpu:
         rows += [bench_cpu(args.n, args.size, d, args.repeats, 0, threads=1) for d in dtypes]
     if _cuda_available():
         rows += [bench_cuda(args.n, args.size, d, args.repeats) for d in dtypes]
+        rows += [bench_cuda(args.n, args.size, d, args.repeats, vectorize=False, torch_ref=False)
+                 for d in dtypes]
     device["loadavg_end"] = os.getloadavg()
 
-    head = f"{'backend':7} {'thr':>3} {'dtype':9} {'fused_ms':>9} {'fused_GB/s':>10} {'copy_GB/s':>9} " \
+    head = f"{'backend':7} {'thr':>6} {'dtype':9} {'fused_ms':>9} {'fused_GB/s':>10} {'copy_GB/s':>9} " \
            f"{'fused/copy':>10} {'torch_ms':>9} {'speedup':>8} {'ok':>3}"
     print(f"fused MixMask kernel, N={args.n} {args.size}x{args.size}x3 uint8 -> 3 outputs channels_last")
     print(f"device: {device['cpu']}, {device['cores']} cores, numba {device['numba']}, "
@@ -332,8 +378,8 @@ def main(argv=None) -> int:
         tm = f"{r['torch_ref_ms']:9.1f}" if r.get("torch_ref_ms") else f"{'-':>9}"
         sp = f"{r['speedup_vs_torch']:7.1f}x" if r.get("speedup_vs_torch") else f"{'-':>8}"
         ok = "yes" if r.get("matches_reference", True) else "NO"
-        thr = r.get("threads", "-")
-        print(f"{r['backend']:7} {thr:>3} {r['dtype']:9} {r['fused_ms']:9.2f} {r['fused_gbps']:10.2f} "
+        thr = r.get("threads", r.get("variant", "-"))
+        print(f"{r['backend']:7} {thr:>6} {r['dtype']:9} {r['fused_ms']:9.2f} {r['fused_gbps']:10.2f} "
               f"{r['copy_gbps']:9.2f} {r['fused_over_copy']:10.2f} {tm} {sp} {ok:>3}")
     print("fused_GB/s / copy_GB/s per copy method (numpy = np.copyto, numba = prange copy, "
           "numba_stream = prange copy with streaming stores):")
@@ -341,6 +387,10 @@ def main(argv=None) -> int:
         if "copy_gbps_by_method" in r:
             ratios = ", ".join(f"{k} {r['fused_gbps'] / v:.2f}" for k, v in r["copy_gbps_by_method"].items())
             print(f"  {r['backend']} {r.get('threads', '-')}t {r['dtype']:9} {ratios}")
+    for r in rows:
+        if "host_us_per_call" in r:
+            print(f"  cuda {r['variant']} {r['dtype']:9} host-side launch {r['host_us_per_call']:.0f} us/call "
+                  f"(Python; overlaps the GPU work of earlier batches)")
     head_row = rows[0]
     out = {"fused_gbps": head_row["fused_gbps"], "copy_gbps": head_row["copy_gbps"],
            "torch_ref_ms": head_row["torch_ref_ms"], "fused_ms": head_row["fused_ms"],

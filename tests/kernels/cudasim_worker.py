@@ -15,6 +15,7 @@ assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", "run with NUMBA_ENABLE_CUD
 from numba import cuda  # noqa: E402
 
 from kernels import fused_mix_reference, sample_masks  # noqa: E402
+from kernels import mix_cuda  # noqa: E402
 from kernels.mix_cuda import fused_mix_cuda, uniform4_device  # noqa: E402
 from kernels.rng import uniform4_reference  # noqa: E402
 
@@ -23,7 +24,9 @@ STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
-def mix_case(N, H, W, g, perm_kind, masks_kind, dtype, layout):
+def mix_case(N, H, W, g, perm_kind, masks_kind, dtype, layout, path="auto"):
+    """path: "auto" lets fused_mix_cuda choose; "vector" also asserts the vectorised kernels ran
+    (W % 4 == 0, aligned contiguous buffers); "scalar" forces the per-element kernels."""
     rng = np.random.default_rng(N * 1000 + H * 10 + W)
     v1 = rng.integers(0, 256, (N, H, W, 3), dtype=np.uint8)
     v2 = rng.integers(0, 256, (N, H, W, 3), dtype=np.uint8)
@@ -37,9 +40,18 @@ def mix_case(N, H, W, g, perm_kind, masks_kind, dtype, layout):
     fused_mix_reference(v1, v2, masks, perm, MEAN, STD, *refs, layout=layout)
     outs = [cuda.to_device(np.full(shape, 7, dt)) for _ in range(3)]
     stream = cuda.stream()
-    fused_mix_cuda(cuda.to_device(v1), cuda.to_device(v2), cuda.to_device(masks) if M else None,
-                   cuda.to_device(perm), MEAN, STD, *outs, layout=layout, stream=stream)
+    calls = []
+    real = mix_cuda._launch_vec
+    mix_cuda._launch_vec = lambda *a: (calls.append(1), real(*a))
+    try:
+        fused_mix_cuda(cuda.to_device(v1), cuda.to_device(v2), cuda.to_device(masks) if M else None,
+                       cuda.to_device(perm), MEAN, STD, *outs, layout=layout, stream=stream,
+                       vectorize=path != "scalar")
+    finally:
+        mix_cuda._launch_vec = real
     stream.synchronize()
+    if (path == "vector") != bool(calls) and path != "auto":
+        return f"path {path!r} requested but the vectorised kernels {'ran' if calls else 'did not run'}"
     for name, o, r in zip(("out1", "out2", "outm"), outs, refs):
         got = o.copy_to_host()
         if not np.array_equal(got.view(np.uint8), r.view(np.uint8)):

@@ -19,6 +19,15 @@ for dtype in ("float32", "float16", "bfloat16"):
 for layout in ("channels_last", "nchw"):
     CASES.append(("mix", [1, 5, 7, 3, "identity", "per_sample", "bfloat16", layout]))  # N=1, g∤H,W
     CASES.append(("mix", [2, 3, 2, 4, "roll", "per_batch", "float16", layout]))        # g > H, W
+# the vectorised kernels (W % 4 == 0): every dtype/layout/masking, g not dividing H or W, odd N,
+# and the same shapes forced through the per-element kernels
+for dtype in ("float32", "float16", "bfloat16"):
+    for layout in ("channels_last", "nchw"):
+        for masks in ("none", "per_batch", "per_sample"):
+            CASES.append(("mix", [3, 5, 8, 3, "random", masks, dtype, layout, "vector"]))
+        CASES.append(("mix", [2, 4, 12, 5, "roll", "per_sample", dtype, layout, "scalar"]))
+for layout in ("channels_last", "nchw"):
+    CASES.append(("mix", [1, 3, 4, 2, "identity", "per_batch", "float16", layout, "vector"]))  # N=1
 CASES += [("rng", [0, 0, 0]), ("rng", [2 ** 64 - 1, 2 ** 32 - 1, 17]), ("host", [])]
 IDS = [f"{k}-" + "-".join(map(str, a)) for k, a in CASES]
 

@@ -25,14 +25,17 @@ def _require_gpu():
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("masks_kind", ["none", "per_batch", "per_sample"])
-def test_gpu_matches_reference(dtype, layout, masks_kind):
+@pytest.mark.parametrize("shape", [(5, 37, 29, 8), (6, 36, 64, 7), (3, 224, 224, 8)],
+                         ids=["per-element", "vector-g7", "vector-224"])
+@pytest.mark.parametrize("vectorize", [True, False], ids=["auto", "scalar"])
+def test_gpu_matches_reference(dtype, layout, masks_kind, shape, vectorize):
     torch, cuda = _require_gpu()
     from kernels.mix_cuda import fused_mix_cuda
-    N, H, W, g = 5, 37, 29, 8
-    rng = np.random.default_rng(0)
+    N, H, W, g = shape
+    rng = np.random.default_rng(N * H + W)
     v1 = rng.integers(0, 256, (N, H, W, 3), dtype=np.uint8)
     v2 = rng.integers(0, 256, (N, H, W, 3), dtype=np.uint8)
-    perm = np.roll(np.arange(N), 1).astype(np.int64)
+    perm = rng.permutation(N).astype(np.int64)
     M = {"none": 0, "per_batch": 1, "per_sample": N}[masks_kind]
     masks = sample_masks("block", M, g, 0.5, 0, 0, 0) if M else None
     tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
@@ -51,8 +54,10 @@ def test_gpu_matches_reference(dtype, layout, masks_kind):
             bufs = ts
         if dtype == "bfloat16":
             bufs = [b.view(torch.int16) for b in bufs]
+        for b in bufs:
+            b.fill_(0x5A5A if b.element_size() == 2 else 7)  # poison: every element must be written
         fused_mix_cuda(t1, t2, tm, tp, MEAN, STD, *bufs, layout=layout,
-                       stream=cuda.external_stream(s.cuda_stream))
+                       stream=cuda.external_stream(s.cuda_stream), vectorize=vectorize)
     s.synchronize()
     npdt = np.uint16 if dtype == "bfloat16" else {"float32": np.float32, "float16": np.float16}[dtype]
     shape = (N, H, W, 3) if layout == "channels_last" else (N, 3, H, W)

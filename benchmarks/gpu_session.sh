@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Everything this project checks on a lent GPU machine, in one call of the device tool
+# (the machine is bare and goes back after each session, so one full script beats many calls):
+#   1. environment (nvidia-smi, versions)           -> $OUT/env.txt
+#   2. the gpu-marked tests (CUDA kernels vs numpy)  -> $OUT/pytest_gpu.txt
+#   3. the kernel benchmark, CPU (all cores) + CUDA rows -> $OUT/kernels.json, kernels.txt
+#   4. the demo recipe trained on the GPU in bf16 (CUDA route of MixStage end to end)
+#                                                    -> $OUT/demo_gpu_summary.json, demo_gpu.txt
+# Usage there: bash benchmarks/gpu_session.sh [steps...]   (default: env tests kernels demo)
+# Runs with the machine's python3 (torch 2.11 cu130, numba-cuda). Its numpy 2.5 lacks np.row_stack,
+# which its numba-cuda still registers at import, so every CUDA kernel compile fails (seen
+# 2026-11-22): carry a numpy <= 2.4 wheel in .whl/ (see the device README) and it is put first on
+# PYTHONPATH here.
+set -u
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+OUT=${OUT:-bench-out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+PY=${PY:-python3}
+steps=${*:-env tests kernels demo}
+for step in $steps; do
+  echo "=== $step $(date -u +%H:%M:%S)"
+  case $step in
+    env)
+      { nvidia-smi; nproc; free -g | head -2
+        $PY -c "import sys, torch, torchvision, numba, numpy, accelerate; from numba import cuda; \
+print(sys.version.split()[0], 'torch', torch.__version__, 'tv', torchvision.__version__, 'numba', numba.__version__, \
+'numpy', numpy.__version__, 'accelerate', accelerate.__version__, 'cuda', torch.cuda.is_available(), \
+torch.cuda.get_device_name() if torch.cuda.is_available() else '-', 'numba.cuda', cuda.is_available())"
+      } 2>&1 | tee "$OUT/env.txt" ;;
+    tests)
+      $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25 ;;
+    kernels)
+      $PY -m benchmarks.kernels --json "$OUT/kernels.json" --repeats 15 --torch-repeats 2 2>&1 \
+        | tee "$OUT/kernels.txt" ;;
+    demo)
+      MIXMASK_DATA_DIR=/tmp/mixmask-data timeout 400 $PY -m accelerate.commands.launch --num_processes 1 \
+        --num_machines 1 --mixed_precision bf16 --dynamo_backend no train.py \
+        run.out_dir=/tmp/runs run.name=demo_gpu run.progress=false data.workers=12 2>&1 | tail -40 \
+        | tee "$OUT/demo_gpu.txt"
+      cp /tmp/runs/demo_gpu/summary.json "$OUT/demo_gpu_summary.json" 2>/dev/null ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+echo "=== done $(date -u +%H:%M:%S)"
