@@ -3,6 +3,7 @@
     accelerate launch train.py [--config FILE ...] [section.field=value ...]        pretrain
     accelerate launch train.py linear [--config FILE ...] [eval.checkpoint=PATH ...] linear probe
     accelerate launch train.py knn [--config FILE ...] [eval.checkpoint=PATH ...]    kNN top-1
+    python train.py check [--config FILE ...] [data.root=DIR]    list the images the backend cannot decode
 
 Without --config, configs/demo.yaml is used (the embedded demo dataset). Plain ``python train.py``
 works too (one process). Outputs go to <run.out_dir>/<run.name>/ (see README.md).
@@ -141,6 +142,36 @@ def knn_monitor(cfg: Config, model, accelerator, root: Path):
     return run
 
 
+def train_loader(cfg: Config, accelerator, index, aug: AugParams):
+    """The training-view loader of data.backend (eval loaders are the torchvision ones for every backend)."""
+    stage = make_stage(cfg, accelerator, masking=True)
+    args = (index, aug, stage, cfg.data.batch_size, accelerator.process_index, accelerator.num_processes,
+            cfg.data.workers, cfg.data.prefetch, cfg.run.seed, accelerator.device)
+    if cfg.data.backend == "dali":
+        from loaders.dali_backend import DaliTrainLoader
+
+        return DaliTrainLoader(*args, hw_decoder_load=cfg.data.hw_decoder_load)
+    return TorchvisionTrainLoader(*args)
+
+
+def cmd_check(cfg: Config) -> int:
+    """Pre-flight: every train/val image the data.backend decoder rejects, one line each."""
+    root = Path(cfg.data.root) if cfg.data.root else ensure_demo_dataset()
+    paths = [p for split in ("train", "val") for p in index_split(root, split).paths]
+    if cfg.data.backend == "dali":
+        from loaders.dali_backend import find_undecodable
+
+        bad = find_undecodable(paths, threads=max(1, cfg.data.workers), progress=cfg.run.progress)
+    else:
+        from loaders.torchvision_backend import find_unreadable
+
+        bad = find_unreadable(paths, progress=cfg.run.progress)
+    for path, why in bad:
+        print(f"{path}\t{why}")
+    print(f"{len(bad)} of {len(paths)} images cannot be decoded by the {cfg.data.backend} backend", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def cmd_train(cfg: Config) -> dict:
     from accelerate.utils import set_seed
 
@@ -159,11 +190,7 @@ def cmd_train(cfg: Config) -> dict:
         cfg.data.image_size, cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.flip_p, cfg.data.jitter,
         cfg.data.jitter_p, cfg.data.gray_p, cfg.data.blur_p, cfg.data.blur_sigma, cfg.data.solarize_p,
     )
-    loader = TorchvisionTrainLoader(
-        train_index, aug, make_stage(cfg, accelerator, masking=True), cfg.data.batch_size,
-        accelerator.process_index, accelerator.num_processes, cfg.data.workers, cfg.data.prefetch,
-        cfg.run.seed, accelerator.device,
-    )
+    loader = train_loader(cfg, accelerator, train_index, aug)
     d = derived(cfg, accelerator.num_processes, len(loader) // cfg.optim.grad_accum)
     model = build_model(cfg, accelerator.num_processes)
     if cfg.data.channels_last:
@@ -304,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     code = fan_out_cpu_processes(argv)
     if code is not None:
         return code
-    command = argv.pop(0) if argv and argv[0] in ("train", "linear", "knn") else "train"
+    command = argv.pop(0) if argv and argv[0] in ("train", "linear", "knn", "check") else "train"
     parser = argparse.ArgumentParser(prog=f"train.py {command}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", default=None, help="YAML file(s) of overrides, in order")
@@ -313,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config or [DEFAULT_CONFIG], args.overrides)
+        if command == "check":
+            return cmd_check(cfg)
         if command == "train":
             cmd_train(cfg)
         else:

@@ -95,6 +95,19 @@ def _decode(path: str) -> Image.Image:
             return im.convert("RGB")  # grayscale, CMYK, palette and RGBA all become RGB
 
 
+def find_unreadable(paths, progress: bool = False) -> list[tuple[str, str]]:
+    """The files PIL cannot decode (what this backend would skip), with the reason.  -> [(path, reason)]"""
+    from tqdm import tqdm
+
+    bad = []
+    for p in tqdm(paths, desc="check", unit="img", disable=not progress):
+        try:
+            _decode(p)
+        except _DECODE_ERRORS as e:
+            bad.append((p, f"{type(e).__name__}: {e}"))
+    return bad
+
+
 class _ImageDataset(Dataset):
     """Decodes index[i] once and applies ``views`` (a list of transforms) to the same decoded image."""
 

@@ -25,11 +25,11 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     root: str = ""  # ImageFolder root (root/train/<class>/*, root/val/<class>/*); "" = embedded demo set
-    backend: Literal["torchvision"] = "torchvision"  # input pipeline (DALI and FFCV arrive as backends)
+    backend: Literal["torchvision", "dali"] = "torchvision"  # input pipeline for the training views (FFCV next)
     image_size: int = 64  # side of both training views after RandomResizedCrop (px)
     eval_resize: int = 0  # eval: resize shorter side to this before the centre crop; 0 = image_size * 8/7
     batch_size: int = 128  # per process; global batch = batch_size * processes * grad_accum
-    workers: int = 2  # DataLoader worker processes per training process
+    workers: int = 2  # per training process: DataLoader worker processes (torchvision), DALI threads (dali)
     prefetch: int = 4  # batches each worker keeps ready
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (MoCo v2)
     crop_ratio: tuple[float, float] = (0.75, 1.3333333)  # RandomResizedCrop aspect range
@@ -42,6 +42,7 @@ class DataConfig:
     solarize_p: float = 0.0  # probability of solarisation (BYOL-style; 0 in MoCo v2)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # normalisation mean (ImageNet, 0-1 units)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # normalisation std (ImageNet, 0-1 units)
+    hw_decoder_load: float = 0.65  # dali on a GPU: share of JPEGs sent to the hardware decoder (A100/H100)
     channels_last: bool = True  # NHWC memory for the views (faster convolutions, free from NHWC uint8)
 
 
@@ -226,6 +227,8 @@ def validate(cfg: Config) -> None:
         (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
         (cfg.data.batch_size >= 2, "data.batch_size must be >= 2 (MixMask needs a partner image)"),
         (cfg.data.workers >= 0, "data.workers must be >= 0"),
+        (cfg.data.backend != "dali" or cfg.data.workers >= 1, "data.workers (DALI threads) must be >= 1 for dali"),
+        (0 <= cfg.data.hw_decoder_load <= 1, "data.hw_decoder_load must be in [0, 1]"),
         (0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1, "data.crop_scale must satisfy 0 < lo <= hi <= 1"),
         (0 < cfg.data.crop_ratio[0] <= cfg.data.crop_ratio[1], "data.crop_ratio must satisfy 0 < lo <= hi"),
         (all(s > 0 for s in cfg.data.std), "data.std must be positive"),

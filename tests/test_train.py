@@ -66,6 +66,48 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     assert torch.allclose(a["queue"], b["queue"], atol=1e-5)
 
 
+@pytest.mark.dali
+def test_dali_backend_trains_and_resumes_exactly(tiny_data, tmp_path):
+    """data.backend=dali end to end: the same summary, and a cut + resumed run equals the full run."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip install '.[dali]')")
+    dali = ("data.backend=dali", "data.workers=1")
+    full = run_train(*tiny_args(tiny_data, tmp_path, "full", *dali, "run.max_steps=7"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary["config"]["data"]["backend"] == "dali" and summary["steps"] == 7
+    assert summary["images_per_sec"] > 0 and 0 <= summary["knn_top1"] <= 100
+    assert run_train(*tiny_args(tiny_data, tmp_path, "cut", *dali, "run.max_steps=2")).returncode == 0
+    second = run_train(*tiny_args(tiny_data, tmp_path, "cut", *dali, "run.max_steps=7"))
+    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]
+    ref = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "full") if "loss" in m}
+    got = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "cut") if "loss" in m}
+    for step in (3, 4, 5, 6, 7):  # across the epoch boundary
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-5)
+
+
+def test_check_command_lists_undecodable_files(tiny_data, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    bad = next((root / "val").iterdir()) / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    backends = ["torchvision"]
+    try:
+        import nvidia.dali  # noqa: F401
+        backends.append("dali")
+    except ImportError:
+        pass
+    for backend in backends:
+        res = run_train("check", f"data.root={root}", f"data.backend={backend}", "run.progress=false")
+        assert res.returncode == 1, res.stderr[-2000:]
+        lines = res.stdout.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(str(bad)), res.stdout
+        assert f"1 of 121 images cannot be decoded by the {backend} backend" in res.stderr
+    res = run_train("check", f"data.root={tiny_data}", "run.progress=false")
+    assert res.returncode == 0 and res.stdout.strip() == ""
+
+
 def test_linear_probe_command(tiny_data, tmp_path):
     res = run_train(*tiny_args(tiny_data, tmp_path, "lp", "run.max_steps=1"))
     assert res.returncode == 0, res.stderr[-3000:]

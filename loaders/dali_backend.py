@@ -1,0 +1,325 @@
+"""The NVIDIA DALI backend: decode once, two MoCo v2 views in a DALI pipeline, MixMask after it.
+
+    data.backend=dali   (pip install '.[dali]': nvidia-dali-cuda130)
+
+Per batch of this rank's shard (loaders/sharding.py: the same order as every backend):
+- The feeder (Python, in the pipeline's external_source) reads each file's bytes and its size from
+  the image header, and draws both views' parameters in numpy keyed by (seed, epoch, index, view)
+  (loaders/view_params.py), so views are reproducible for any thread count and resume exactly.
+- The pipeline decodes each image once (CPU decoder with device_id=None; on a GPU the "mixed"
+  nvJPEG decoder with a configurable hardware-decoder share), then per view: resize of the crop
+  window to size x size (antialiased), colour twist (jitter), grayscale (saturation 0), Gaussian blur,
+  solarize and flip, each applied per sample by DALI conditionals.
+- The two uint8 NHWC views are copied out of DALI's buffers into tensors the loader owns (the trainer
+  never sees memory DALI will reuse), then loaders/device_stage.MixStage normalises, lays out and
+  mixes them with our Numba kernels (CUDA on the same stream on a GPU, parallel CPU otherwise).
+
+Bad input: a file whose header cannot be read is replaced at once by the next readable image (the
+batch keeps its size, as in the torchvision backend); a file the decoder rejects makes the pipeline
+raise: the loader then finds the culprits among the batches in flight (bisecting with a one-file
+probe pipeline), adds them to ``bad_files``, rebuilds the pipeline and feeds the same batch again.
+``find_undecodable(paths)`` (``train.py check``) lists every file DALI cannot decode.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections import deque
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from loaders.device_stage import MixStage
+from loaders.folder import DataError, FolderIndex
+from loaders.sharding import batches_per_epoch, shard_indices
+from loaders.torchvision_backend import AugParams
+from loaders.view_params import draw_views
+from mixmask.batch import Batch
+
+log = logging.getLogger(__name__)
+
+
+def require_dali():
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as e:
+        raise DataError(
+            "data.backend=dali needs NVIDIA DALI: pip install '.[dali]' (nvidia-dali-cuda130)"
+        ) from e
+    import nvidia.dali as dali
+
+    return dali
+
+
+def header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image header (PIL reads the header only, no decode)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    if w < 1 or h < 1:
+        raise ValueError(f"empty image {w}x{h}")
+    return w, h
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipelines
+
+_VIEW_INPUTS = ("roi", "flip", "jitter_on", "jitter", "gray", "blur_on", "sigma", "solarize")
+
+
+def _view(images, p, size: int):
+    """One MoCo v2 view of the decoded images, from per-sample parameter inputs p (DataNodes)."""
+    from nvidia.dali import fn, types
+
+    v = fn.resize(images, size=[size, size], roi_start=p["roi"][0:2], roi_end=p["roi"][2:4],
+                  roi_relative=True, antialias=True, interp_type=types.INTERP_LINEAR)
+    if p["jitter_on"] == 1:
+        j = p["jitter"]
+        v = fn.color_twist(v, brightness=j[0], contrast=j[1], saturation=j[2], hue=j[3])
+    if p["gray"] == 1:
+        v = fn.color_twist(v, saturation=0.0)
+    if p["blur_on"] == 1:
+        v = fn.gaussian_blur(v, sigma=p["sigma"])
+    if p["solarize"] == 1:
+        v = fn.cast(v ^ ((v >= 128) * 255), dtype=types.UINT8)  # 255 - v where v >= 128
+    return fn.flip(v, horizontal=p["flip"])
+
+
+def _two_view_pipeline(source, size: int, batch_size: int, threads: int, device_id, seed: int,
+                       prefetch: int, hw_decoder_load: float):
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(enable_conditionals=True)
+    def pipe():
+        outs = fn.external_source(source=source, num_outputs=1 + 2 * len(_VIEW_INPUTS), batch=True)
+        decoder = {} if device_id is None else {"hw_decoder_load": hw_decoder_load}
+        images = fn.decoders.image(outs[0], device="cpu" if device_id is None else "mixed",
+                                   output_type=types.RGB, adjust_orientation=False, **decoder)
+        views = []
+        for v in range(2):
+            p = dict(zip(_VIEW_INPUTS, outs[1 + v * len(_VIEW_INPUTS): 1 + (v + 1) * len(_VIEW_INPUTS)]))
+            views.append(_view(images, p, size))
+        return tuple(views)
+
+    return pipe(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
+                prefetch_queue_depth=prefetch, exec_dynamic=True)
+
+
+def find_undecodable(paths: Sequence[str], threads: int = 2, batch: int = 64,
+                     progress: bool = False) -> list[tuple[str, str]]:
+    """The files the DALI CPU decoder (or the header reader) rejects, with the reason.
+
+    Decodes in batches of `batch`; a failing batch is split in halves until the culprits are single
+    files. -> [(path, reason)]
+    """
+    require_dali()
+    from nvidia.dali import fn, pipeline_def, types
+
+    bad: list[tuple[str, str]] = []
+    readable: list[tuple[str, np.ndarray]] = []
+    for p in paths:
+        try:
+            with open(p, "rb") as f:
+                data = f.read()
+            header_size(data)
+            readable.append((p, np.frombuffer(data, np.uint8)))
+        except Exception as e:  # noqa: BLE001 - any failure means "cannot be used"
+            bad.append((p, f"{type(e).__name__}: {e}"))
+
+    queue: list[list[tuple[str, np.ndarray]]] = [readable[i:i + batch] for i in range(0, len(readable), batch)]
+    pipes: dict[int, object] = {}
+
+    def run(items) -> str | None:
+        n = len(items)
+
+        @pipeline_def
+        def probe():
+            data = fn.external_source(name="data", batch=True)
+            return fn.decoders.image(data, device="cpu", output_type=types.RGB, adjust_orientation=False)
+
+        pipe = pipes.get(n)
+        if pipe is None:
+            pipe = pipes[n] = probe(batch_size=n, num_threads=threads, device_id=None, prefetch_queue_depth=1,
+                                    exec_pipelined=False, exec_async=False)
+            pipe.build()
+        try:
+            pipe.feed_input("data", [d for _, d in items])
+            pipe.run()
+            return None
+        except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses
+            pipes.pop(n, None)  # a pipeline that raised is not reused
+            return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(readable), desc="check", unit="img", disable=not progress)
+    while queue:
+        items = queue.pop()
+        err = run(items)
+        if err is None:
+            bar.update(len(items))
+        elif len(items) == 1:
+            bad.append((items[0][0], err))
+            bar.update(1)
+        else:
+            half = len(items) // 2
+            queue += [items[:half], items[half:]]
+    bar.close()
+    return sorted(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loader
+
+class _Feeder:
+    """The pipeline's external source: this rank's batches of an epoch, in order, with view parameters.
+
+    Each call returns the next batch [bytes, view-0 parameters..., view-1 parameters...] and appends
+    its (labels, indices) to ``pending``; raises StopIteration after the epoch's last batch.
+    """
+
+    def __init__(self, index: FolderIndex, aug: AugParams, batch: int, rank: int, world: int, seed: int,
+                 bad: dict[str, str]):
+        self.paths, self.labels = index.paths, index.labels
+        self.aug, self.batch, self.rank, self.world, self.seed = aug, batch, rank, world, seed
+        self.bad = bad  # path -> reason (shared with the loader)
+        self.epoch, self.pos, self.order = 0, 0, np.zeros(0, np.int64)
+        self.pending: deque[tuple[list[str], np.ndarray, np.ndarray]] = deque()
+
+    def start(self, epoch: int, batch_index: int) -> None:
+        if epoch != self.epoch or not len(self.order):
+            self.order = shard_indices(len(self.paths), self.rank, self.world, self.batch, seed=self.seed,
+                                       epoch=epoch, shuffle=True, drop_last=True)
+        self.epoch, self.pos = epoch, batch_index
+        self.pending.clear()
+
+    def _read(self, i: int) -> tuple[str, np.ndarray, tuple[int, int], int]:
+        n = len(self.paths)
+        for attempt in range(min(n, 16)):
+            j = (i + attempt) % n
+            path = self.paths[j]
+            if path in self.bad:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+                return path, np.frombuffer(data, np.uint8), header_size(data), self.labels[j]
+            except Exception as e:  # noqa: BLE001 - unreadable file or header: skip it
+                self.bad[path] = f"{type(e).__name__}: {e}"
+                log.warning("skipped unreadable image %s (%s); %d skipped so far", path, self.bad[path], len(self.bad))
+        raise DataError(f"16 consecutive unreadable images from {self.paths[i]}")
+
+    def __call__(self):
+        if (self.pos + 1) * self.batch > len(self.order):
+            raise StopIteration
+        idx = self.order[self.pos * self.batch:(self.pos + 1) * self.batch]
+        self.pos += 1
+        read = [self._read(int(i)) for i in idx]
+        paths, data, sizes, labels = (list(t) for t in zip(*read))
+        out = [data]
+        for view in range(2):
+            vb = draw_views(self.aug, self.seed, self.epoch, idx, sizes, view)
+            for name in _VIEW_INPUTS:
+                out.append(list(getattr(vb, name)))
+        self.pending.append((paths, np.asarray(labels, np.int64), np.asarray(idx, np.int64)))
+        return out
+
+
+class DaliTrainLoader:
+    """Iterable of Batch for training (same interface as TorchvisionTrainLoader)."""
+
+    def __init__(
+        self,
+        index: FolderIndex,
+        aug: AugParams,
+        stage: MixStage,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        threads: int = 2,
+        prefetch: int = 2,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        hw_decoder_load: float = 0.65,
+    ):
+        require_dali()
+        self.n, self.world, self.batch_size, self.stage = len(index), world, batch_size, stage
+        self.aug, self.threads, self.prefetch, self.seed = aug, threads, prefetch, seed
+        self.device = torch.device(device)
+        self.hw_decoder_load = hw_decoder_load
+        self._bad: dict[str, str] = {}
+        self.feeder = _Feeder(index, aug, batch_size, rank, world, seed, self._bad)
+        self.epoch, self.start_batch = 0, 0
+        self.pipe = None
+
+    @property
+    def bad_files(self) -> set[str]:
+        return {f"{p} ({why})" for p, why in self._bad.items()}
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.n, self.world, self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch (seeds the order and views) and skip its first batches (resume)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _build(self, batch_index: int) -> None:
+        self.pipe = None
+        self.feeder.start(self.epoch, batch_index)
+        device_id = None
+        if self.device.type == "cuda":
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self.pipe = _two_view_pipeline(self.feeder, self.aug.size, self.batch_size, self.threads, device_id,
+                                       self.seed, self.prefetch, self.hw_decoder_load)
+        self.pipe.build()
+
+    def _recover(self, step: int, error: Exception, tries: int) -> None:
+        """The pipeline raised on batch `step`: find the undecodable files among the batches in
+        flight, mark them bad and rebuild from `step`. Re-raises when no file is to blame."""
+        in_flight = [p for paths, _, _ in self.feeder.pending for p in paths]
+        found = find_undecodable(sorted(set(in_flight)), threads=self.threads)
+        for path, why in found:
+            self._bad[path] = why
+            log.warning("skipped undecodable image %s (%s); %d skipped so far", path, why, len(self._bad))
+        if not found or tries > 8:
+            raise DataError(f"DALI pipeline failed on batch {step} of epoch {self.epoch}: {error}") from error
+        self._build(step)
+
+    def _owned(self, tl) -> torch.Tensor:
+        """A DALI TensorList (N, S, S, 3) uint8 -> a tensor the loader owns, on the training device."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        t = tl.as_tensor()
+        out = torch.empty(tuple(t.shape()), dtype=torch.uint8, device=self.device if self.device.type == "cuda" else "cpu")
+        if self.device.type == "cuda":
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
+        else:
+            feed_ndarray(t, out)
+        return out if self.device.type == "cuda" else out.to(self.device)
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, step = self.epoch, self.start_batch
+        self._build(step)
+        tries = 0
+        try:
+            while step < len(self):
+                try:
+                    v1, v2 = self.pipe.run()
+                except StopIteration:
+                    break
+                except Exception as e:  # noqa: BLE001 - decoder errors come as RuntimeError
+                    tries += 1
+                    self._recover(step, e, tries)
+                    continue
+                _, labels, idx = self.feeder.pending.popleft()
+                x1, x2 = self._owned(v1), self._owned(v2)  # (N, S, S, 3) uint8 each
+                labels_t = torch.from_numpy(labels).to(self.device, non_blocking=True)
+                yield self.stage(x1, x2, labels_t, torch.from_numpy(idx), epoch, step)
+                step += 1
+        finally:
+            self.pipe = None  # free DALI's buffers between epochs
