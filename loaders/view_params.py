@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.color import colour_matrix
 from loaders.torchvision_backend import AugParams
 
 
@@ -54,6 +55,9 @@ class ViewBatch:
     jitter_on: np.ndarray  # (N,) int32
     jitter: np.ndarray  # (N, 4) float32: brightness, contrast, saturation factors; hue in degrees
     gray: np.ndarray  # (N,) int32
+    colour_on: np.ndarray  # (N,) int32: jitter_on or gray
+    colour_m: np.ndarray  # (N, 3, 3) float32: saturation, hue and grayscale map (kernels/color.py)
+    colour_cb: np.ndarray  # (N, 2) float32: (c * b, (1 - c) * b) of brightness b and contrast c
     blur_on: np.ndarray  # (N,) int32
     sigma: np.ndarray  # (N,) float32 (px)
     solarize: np.ndarray  # (N,) int32
@@ -83,4 +87,10 @@ def draw_views(aug: AugParams, seed: int, epoch: int, indices, sizes, view: int)
         sigma[k] = aug.blur_sigma[0] + (aug.blur_sigma[1] - aug.blur_sigma[0]) * u[7]
         sol[k] = rng.uniform() < aug.solarize_p
         flip[k] = u[8] < aug.flip_p
-    return ViewBatch(roi, flip, jon, jit, gray, bon, sigma, sol)
+    cm = np.empty((n, 3, 3), np.float32)
+    cb = np.empty((n, 2), np.float32)
+    for k in range(n):
+        bb, cc, ss, hh = jit[k] if jon[k] else (1.0, 1.0, 1.0, 0.0)
+        cm[k] = colour_matrix(ss, hh, bool(gray[k]))
+        cb[k] = (cc * bb, (1 - cc) * bb)
+    return ViewBatch(roi, flip, jon, jit, gray, jon | gray, cm, cb, bon, sigma, sol)

@@ -101,12 +101,12 @@ def _fixed_view_pipeline(data, rois, flips):
     def src():
         out = [[data] * n]
         for _ in range(2):
-            out += [[np.asarray(r, np.float32) for r in rois], [np.int32(f) for f in flips],
-                    *[[np.int32(0)] * n if k != "jitter" else [np.array([1, 1, 1, 0], np.float32)] * n
-                      for k in ("jitter_on", "jitter", "gray", "blur_on")],
-                    [np.float32(1)] * n, [np.int32(0)] * n]
+            params = {"roi": [np.asarray(r, np.float32) for r in rois], "flip": [np.int32(f) for f in flips],
+                      "colour_on": [np.int32(0)] * n, "colour_m": [np.eye(3, dtype=np.float32)] * n,
+                      "colour_cb": [np.array([1, 0], np.float32)] * n, "blur_on": [np.int32(0)] * n,
+                      "sigma": [np.ones(1, np.float32)] * n, "solarize": [np.int32(0)] * n}
+            out += [params[k] for k in _VIEW_INPUTS]
         return out
-    assert len(_VIEW_INPUTS) == 8
     p = _two_view_pipeline(src, 8, n, 1, None, 0, 1, 0.65)
     p.build()
     return [t.as_array() for t in p.run()]
