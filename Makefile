@@ -12,7 +12,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 NPROC  ?= 1
 
-.PHONY: setup apt train test bench-kernels clean
+.PHONY: setup apt train test bench-kernels bench-loaders clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,9 @@ test: setup
 
 bench-kernels: setup
 	$(PY) -m benchmarks.kernels --json bench-out/kernels.json
+
+bench-loaders: setup
+	$(PY) -m benchmarks.loaders --json bench-out/loaders.json
 
 clean:
 	rm -rf runs bench-out .pytest_cache

@@ -6,12 +6,20 @@
 #   3. the kernel benchmark, CPU (all cores) + CUDA rows -> $OUT/kernels.json, kernels.txt
 #   4. the demo recipe trained on the GPU in bf16 (CUDA route of MixStage end to end)
 #                                                    -> $OUT/demo_gpu_summary.json, demo_gpu.txt
-# Usage there: bash benchmarks/gpu_session.sh [steps...]   (default: env tests kernels demo)
+# Usage there: bash benchmarks/gpu_session.sh [steps...]   (default: env tests kernels demo; dali: see below)
 # Runs with the machine's python3 (torch 2.11 cu130, numba-cuda). Its numpy 2.5 lacks np.row_stack,
 # which its numba-cuda still registers at import, so every CUDA kernel compile fails (seen
 # 2026-11-22): carry a numpy <= 2.4 wheel in .whl/ (see the device README) and it is put first on
 # PYTHONPATH here.
 set -u
+# DALI and its libraries (~270 MB, over one call's 64 MiB) arrive in parts copied to /tmp/wh by earlier
+# calls while the machine is warm; the DALI wheel is split in dali.part* and joined here.
+if ls /tmp/wh/dali.part* >/dev/null 2>&1; then
+  cat /tmp/wh/dali.part* > /tmp/wh/nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl && rm /tmp/wh/dali.part*
+fi
+if ls /tmp/wh/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/wh/*.whl
+fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -42,6 +50,15 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '-', 'numba.cuda'
         run.out_dir=/tmp/runs run.name=demo_gpu run.progress=false data.workers=12 2>&1 | tail -40 \
         | tee "$OUT/demo_gpu.txt"
       cp /tmp/runs/demo_gpu/summary.json "$OUT/demo_gpu_summary.json" 2>/dev/null ;;
+    dali)  # the DALI GPU path against its CPU path, then loader throughput on the GPU
+      $PY -m pytest -q -m "gpu and dali" -p no:cacheprovider tests/loaders 2>&1 | tee "$OUT/pytest_dali_gpu.txt" | tail -15
+      n=$(nproc)
+      $PY -m benchmarks.loaders --json "$OUT/loaders_gpu.json" --device cuda --images 1024 --cores "$n" 2>&1 \
+        | tee "$OUT/loaders_gpu.txt"
+      $PY -m benchmarks.loaders --json "$OUT/loaders_gpu_hw0.json" --device cuda --images 1024 --cores "$n" \
+        --backends dali --hw-decoder-load 0 2>&1 | tail -4
+      $PY -m benchmarks.loaders --json "$OUT/loaders_gpu_hw1.json" --device cuda --images 1024 --cores "$n" \
+        --backends dali --hw-decoder-load 1 2>&1 | tail -4 ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -84,14 +84,18 @@ def time_pass(loader, epoch: int) -> tuple[float, int]:
     loader.set_epoch(epoch)
     it = iter(loader)
     first = next(it)
-    n, t0 = 0, time.perf_counter()
+    n, t0, b = 0, time.perf_counter(), first
     for b in it:
         n += b.x1.shape[0]
+    if b.x1.is_cuda:
+        import torch
+        torch.cuda.synchronize()
     del first
     return n / (time.perf_counter() - t0), n
 
 
-def build(backend: str, root: Path, size: int, batch: int, cores: int, mask: bool):
+def build(backend: str, root: Path, size: int, batch: int, cores: int, mask: bool, device: str = "cpu",
+          hw_decoder_load: float = 0.65):
     import torch
 
     from loaders.device_stage import MixStage
@@ -104,8 +108,9 @@ def build(backend: str, root: Path, size: int, batch: int, cores: int, mask: boo
     if backend == "dali":
         from loaders.dali_backend import DaliTrainLoader
 
-        return DaliTrainLoader(index, aug, stage, batch, threads=cores, prefetch=2)
-    return TorchvisionTrainLoader(index, aug, stage, batch, workers=cores, prefetch=4)
+        return DaliTrainLoader(index, aug, stage, batch, threads=cores, prefetch=2, device=device,
+                               hw_decoder_load=hw_decoder_load)
+    return TorchvisionTrainLoader(index, aug, stage, batch, workers=cores, prefetch=4, device=device)
 
 
 def main(argv=None) -> int:
@@ -118,6 +123,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backends", default="torchvision,dali")
     ap.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--device", default="cpu", help="training device of the batches (cuda: DALI decodes with "
+                    "the mixed nvJPEG decoder and the mix runs as our CUDA kernel)")
+    ap.add_argument("--hw-decoder-load", type=float, default=0.65, help="DALI on cuda: hardware decoder share")
     ap.add_argument("--quick", action="store_true", help="tiny run for CI: 48 images, 64 px, 1 repeat")
     a = ap.parse_args(argv)
     if a.quick:
@@ -131,7 +139,7 @@ def main(argv=None) -> int:
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
     for mask in (False, True):
         for backend in backends:
-            loader = build(backend, root, a.size, a.batch, a.cores, mask)
+            loader = build(backend, root, a.size, a.batch, a.cores, mask, a.device, a.hw_decoder_load)
             runs = [time_pass(loader, epoch)[0] for epoch in range(a.repeats)]
             del loader
             rows.append({"backend": backend, "mixmask": mask, "images_per_sec": statistics.median(runs),
@@ -139,7 +147,9 @@ def main(argv=None) -> int:
     for r in rows:
         base = next(x for x in rows if x["backend"] == backends[0] and x["mixmask"] == r["mixmask"])
         r["vs_baseline"] = r["images_per_sec"] / base["images_per_sec"]
-    device = {"cpu": platform.processor(), "cores": a.cores, "python": platform.python_version(),
+    device = {"cpu": platform.processor(), "cores": a.cores, "device": a.device,
+              "gpu": torch.cuda.get_device_name() if a.device == "cuda" else None,
+              "hw_decoder_load": a.hw_decoder_load if a.device == "cuda" else None, "python": platform.python_version(),
               "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "loadavg": os.getloadavg()}
     try:
@@ -153,7 +163,7 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     print(f"two-view loaders, {facts['files']} JPEGs ~{facts['mean_wh'][0]:.0f}x{facts['mean_wh'][1]:.0f} "
-          f"{facts['mean_kb']:.0f} KB, views {a.size}px, batch {a.batch}, {a.cores} cores, "
+          f"{facts['mean_kb']:.0f} KB, views {a.size}px, batch {a.batch}, {a.cores} cores, device {a.device}, "
           f"median of {a.repeats} passes")
     print(f"device: {device['cpu']}, torch {device['torch']}, dali {device.get('dali', '-')}, {device['date']}")
     print(f"{'backend':12} {'mixmask':7} {'img/s':>8} {'per core':>8} {'vs ' + backends[0]:>15}")
