@@ -7,11 +7,12 @@ generated set (cached under bench-out/jpegs-<n>/ or --data): sizes drawn around 
 side 400-640 px, aspect 0.6-0.9, either orientation), natural-image statistics (1/f amplitude
 spectrum colour noise with a few smooth objects), JPEG quality 90 (~100 KB each).
 
-A row is one full pass over the files (drop_last batches) through a training loader as train.py builds
-it: two MoCo v2 views of size x size (RandomResizedCrop 0.2-1, jitter p 0.8, grayscale p 0.2, blur
-p 0.5, flip), then the device stage (normalise to float32 channels_last; + MixMask with our Numba
-kernel when on). images/s = images delivered / wall time after the first batch (pipeline start-up,
-compilation and worker spawn excluded). Median of --repeats passes; per-core = images/s / cores used.
+A row is a training loader as train.py builds it: two MoCo v2 views of size x size (RandomResizedCrop
+0.2-1, jitter p 0.8, grayscale p 0.2, blur p 0.5, flip), then the device stage (normalise to float32
+channels_last; + MixMask with our Numba kernel, CUDA on a GPU, when on). One untimed warm-up epoch
+(worker spawn, compilation), then --repeats timed epochs, each from asking for the iterator to its last
+batch on the device (start-up and prefetch fill included, as at every epoch boundary of a run).
+images/s: median over the timed epochs; per-core = images/s / cores used.
 """
 
 from __future__ import annotations
@@ -80,17 +81,17 @@ def dataset_facts(root: Path) -> dict:
 
 
 def time_pass(loader, epoch: int) -> tuple[float, int]:
-    """(images/s after the first batch, batches)."""
+    """(images/s, images) of one whole epoch: from asking for the iterator to the last batch on the
+    device, so pipeline start-up and prefetch fill count (a pass is a real epoch boundary)."""
+    import torch
+
     loader.set_epoch(epoch)
-    it = iter(loader)
-    first = next(it)
-    n, t0, b = 0, time.perf_counter(), first
-    for b in it:
+    t0 = time.perf_counter()
+    n = 0
+    for b in loader:
         n += b.x1.shape[0]
-    if b.x1.is_cuda:
-        import torch
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
-    del first
     return n / (time.perf_counter() - t0), n
 
 
@@ -140,7 +141,8 @@ def main(argv=None) -> int:
     for mask in (False, True):
         for backend in backends:
             loader = build(backend, root, a.size, a.batch, a.cores, mask, a.device, a.hw_decoder_load)
-            runs = [time_pass(loader, epoch)[0] for epoch in range(a.repeats)]
+            time_pass(loader, 0)  # warm-up epoch: worker spawn, compilation, caches
+            runs = [time_pass(loader, epoch)[0] for epoch in range(1, a.repeats + 1)]
             del loader
             rows.append({"backend": backend, "mixmask": mask, "images_per_sec": statistics.median(runs),
                          "runs": runs, "per_core": statistics.median(runs) / a.cores})

@@ -37,6 +37,18 @@ def colour_matrix(saturation: float, hue_deg: float, gray: bool) -> np.ndarray:
     return (RGB @ t @ YIQ).astype(np.float32)
 
 
+def colour_matrices(saturation, hue_deg, gray) -> np.ndarray:
+    """colour_matrix for a batch.  (N,), (N,), (N,) bool -> (N, 3, 3) float32"""
+    th = np.radians(np.asarray(hue_deg, np.float64))
+    k = np.where(np.asarray(gray, bool), 0.0, np.asarray(saturation, np.float64))
+    t = np.zeros((len(th), 3, 3))
+    t[:, 0, 0] = 1
+    t[:, 1, 1] = t[:, 2, 2] = k * np.cos(th)
+    t[:, 1, 2] = -k * np.sin(th)
+    t[:, 2, 1] = k * np.sin(th)
+    return (RGB @ t @ YIQ).astype(np.float32)
+
+
 def colour_affine_hwc(out, img, m, cb):
     """out (H, W, 3) uint8 = round(clamp(cb[0] * m @ img[y, x] + cb[1] * mu0)), mu0 = mean luma.
 

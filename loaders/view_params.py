@@ -1,49 +1,18 @@
-"""Per-sample MoCo v2 view parameters drawn in numpy, for the backends whose augmentation ops take
-their parameters as inputs (DALI; FFCV next).
-
-The recipe is SPEC.md 1.9 / loaders.torchvision_backend.AugParams: RandomResizedCrop(scale, ratio)
-with torchvision's sampling rule (10 tries of area ~ U(scale) * W * H and log-aspect ~ U(log ratio),
-w = round(sqrt(area * aspect)), h = round(sqrt(area / aspect)), accepted when it fits, else the
-centre crop clamped to the ratio range), colour jitter with probability (brightness, contrast and
-saturation factors ~ U(1 - x, 1 + x), hue ~ U(-x, x) of the hue circle), grayscale, Gaussian blur
-(sigma ~ U(blur_sigma)), solarize and horizontal flip, each with its probability.
-
-Every draw comes from a generator keyed by (seed, epoch, index, view): the same sample gets the same
-views on any thread count, on resume and on every rank layout.
+"""Per-sample MoCo v2 view parameters for the backends whose augmentation ops take their parameters
+as inputs (DALI; FFCV next): the recipe of SPEC.md 1.9 / loaders.torchvision_backend.AugParams,
+drawn by kernels/views.py (torchvision's RandomResizedCrop rule; every draw keyed by
+(seed, epoch, index, view)), plus the colour map of kernels/color.py for the CPU view pipeline.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.color import colour_matrix
+from kernels.color import colour_matrices
+from kernels.views import draw_view_params
 from loaders.torchvision_backend import AugParams
-
-
-def rrc_box(rng: np.random.Generator, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
-    """torchvision.transforms.RandomResizedCrop.get_params in numpy.  -> (x0, y0, w, h) in pixels"""
-    area = width * height
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            y0 = int(rng.integers(0, height - h + 1))
-            x0 = int(rng.integers(0, width - w + 1))
-            return x0, y0, w, h
-    in_ratio = width / height  # fallback: the whole image, clamped to the ratio range, centred
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
 
 
 @dataclass
@@ -63,34 +32,25 @@ class ViewBatch:
     solarize: np.ndarray  # (N,) int32
 
 
-def sample_key(seed: int, epoch: int, index: int, view: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, epoch, index, view, 0x5EED]))
-
-
-def draw_views(aug: AugParams, seed: int, epoch: int, indices, sizes, view: int) -> ViewBatch:
-    """View `view` (0 or 1) of each sample.  indices: (N,) dataset indices; sizes: (N, 2) (W, H) px."""
-    n = len(indices)
+def draw_views(aug: AugParams, seed: int, epoch: int, indices, sizes, view: int, colour: bool = True) -> ViewBatch:
+    """View `view` (0 or 1) of each sample.  indices: (N,) dataset indices; sizes: (N, 2) (W, H) px.
+    colour: also build the affine colour maps (the CPU pipeline's input; the GPU one uses the factors)."""
+    idx = np.ascontiguousarray(indices, np.int64)
+    n = len(idx)
     roi = np.empty((n, 4), np.float32)
-    flip, jon, gray, bon, sol = (np.zeros(n, np.int32) for _ in range(5))
-    jit = np.tile(np.array([1, 1, 1, 0], np.float32), (n, 1))
-    sigma = np.zeros(n, np.float32)
-    b, c, s, h = aug.jitter
-    for k, (i, (W, H)) in enumerate(zip(indices, sizes)):
-        rng = sample_key(seed, epoch, int(i), view)
-        x0, y0, w, hh = rrc_box(rng, int(W), int(H), aug.crop_scale, aug.crop_ratio)
-        roi[k] = (y0 / H, x0 / W, (y0 + hh) / H, (x0 + w) / W)
-        u = rng.uniform(size=9)  # fixed count per sample: one draw per decision, in recipe order
-        jon[k] = u[0] < aug.jitter_p
-        jit[k] = (1 + b * (2 * u[1] - 1), 1 + c * (2 * u[2] - 1), 1 + s * (2 * u[3] - 1), 360 * h * (2 * u[4] - 1))
-        gray[k] = u[5] < aug.gray_p
-        bon[k] = u[6] < aug.blur_p
-        sigma[k] = aug.blur_sigma[0] + (aug.blur_sigma[1] - aug.blur_sigma[0]) * u[7]
-        sol[k] = rng.uniform() < aug.solarize_p
-        flip[k] = u[8] < aug.flip_p
-    cm = np.empty((n, 3, 3), np.float32)
-    cb = np.empty((n, 2), np.float32)
-    for k in range(n):
-        bb, cc, ss, hh = jit[k] if jon[k] else (1.0, 1.0, 1.0, 0.0)
-        cm[k] = colour_matrix(ss, hh, bool(gray[k]))
-        cb[k] = (cc * bb, (1 - cc) * bb)
+    flip, jon, gray, bon, sol = (np.empty(n, np.int32) for _ in range(5))
+    jit = np.empty((n, 4), np.float32)
+    sigma = np.empty(n, np.float32)
+    f64 = lambda *v: np.asarray(v, np.float64)  # noqa: E731
+    draw_view_params(np.uint64(seed), epoch, view, idx, np.ascontiguousarray(sizes, np.int64).reshape(n, 2),
+                     f64(*aug.crop_scale), f64(*aug.crop_ratio),
+                     f64(aug.jitter_p, aug.gray_p, aug.blur_p, aug.solarize_p, aug.flip_p), f64(*aug.jitter),
+                     f64(*aug.blur_sigma), roi, flip, jon, jit, gray, bon, sigma, sol)
+    cm = cb = None
+    if colour:
+        on = jon.astype(bool)
+        b = np.where(on, jit[:, 0], 1).astype(np.float32)
+        c = np.where(on, jit[:, 1], 1).astype(np.float32)
+        cm = colour_matrices(np.where(on, jit[:, 2], 1), np.where(on, jit[:, 3], 0), gray.astype(bool))
+        cb = np.stack([c * b, (1 - c) * b], 1).astype(np.float32)
     return ViewBatch(roi, flip, jon, jit, gray, jon | gray, cm, cb, bon, sigma, sol)

@@ -16,11 +16,11 @@ from PIL import Image
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip install '.[dali]')")
 pytestmark = pytest.mark.dali
 
-from loaders.dali_backend import DaliTrainLoader, _two_view_pipeline, _VIEW_INPUTS, find_undecodable  # noqa: E402
+from loaders.dali_backend import DaliTrainLoader, _two_view_pipeline, _VIEW_INPUTS, find_undecodable, header_size  # noqa: E402,E501
 from loaders.device_stage import MixStage  # noqa: E402
 from loaders.folder import index_split  # noqa: E402
 from loaders.torchvision_backend import AugParams, TorchvisionTrainLoader  # noqa: E402
-from loaders.view_params import draw_views, rrc_box  # noqa: E402
+from loaders.view_params import draw_views  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -179,23 +179,30 @@ def test_find_undecodable_lists_exactly_the_bad_files(odd_data):
     assert all(found[str(p)] for p in bad)  # each with a reason
 
 
-def test_rrc_box_matches_torchvision_distribution():
-    """Our numpy RandomResizedCrop sampler against torchvision's get_params: area and aspect."""
+def test_crop_windows_match_torchvision_distribution():
+    """Our RandomResizedCrop draws (kernels/views.py) against torchvision's get_params: area, aspect
+    and centre distributions on a 500 x 375 image, and the fallback on a very wide one."""
     from torchvision.transforms import RandomResizedCrop
 
     W, H, n = 500, 375, 4000
-    img = torch.zeros(3, H, W)
     torch.manual_seed(0)
-    tv = np.array([RandomResizedCrop.get_params(img, (0.2, 1.0), (3 / 4, 4 / 3)) for _ in range(n)])  # i j h w
-    rng = np.random.default_rng(0)
-    ours = np.array([rrc_box(rng, W, H, (0.2, 1.0), (3 / 4, 4 / 3)) for _ in range(n)])  # x y w h
-    area_tv, area = tv[:, 2] * tv[:, 3] / (W * H), ours[:, 2] * ours[:, 3] / (W * H)
-    asp_tv, asp = np.log(tv[:, 3] / tv[:, 2]), np.log(ours[:, 2] / ours[:, 3])
+    tv = np.array([RandomResizedCrop.get_params(torch.zeros(3, H, W), (0.2, 1.0), (3 / 4, 4 / 3))
+                   for _ in range(n)])  # i j h w
+    v = draw_views(AugParams(32), 0, 0, np.arange(n), np.tile([[W, H]], (n, 1)), view=0)
+    y0, x0, y1, x1 = (v.roi * np.array([H, W, H, W])).T
+    w, h = x1 - x0, y1 - y0
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= W + 1e-3).all() and (y1 <= H + 1e-3).all()
+    assert np.allclose(w, np.round(w), atol=1e-3) and np.allclose(h, np.round(h), atol=1e-3)  # whole px
+    area_tv, area = tv[:, 2] * tv[:, 3] / (W * H), w * h / (W * H)
+    asp_tv, asp = np.log(tv[:, 3] / tv[:, 2]), np.log(w / h)
+    qs = [0.1, 0.25, 0.5, 0.75, 0.9]
     for a, b in ((area_tv, area), (asp_tv, asp)):
-        qs = [0.1, 0.25, 0.5, 0.75, 0.9]
         assert np.allclose(np.quantile(a, qs), np.quantile(b, qs), atol=0.03)
-    cx_tv, cx = (tv[:, 1] + tv[:, 3] / 2) / W, (ours[:, 0] + ours[:, 2] / 2) / W
+    cx_tv, cx = (tv[:, 1] + tv[:, 3] / 2) / W, (x0 + w / 2) / W
     assert abs(cx_tv.mean() - cx.mean()) < 0.01 and abs(cx.mean() - 0.5) < 0.01
+    wide = draw_views(AugParams(32, crop_scale=(0.99, 1.0)), 0, 0, np.arange(50), np.tile([[1000, 100]], (50, 1)), 0)
+    assert np.allclose(wide.roi[:, [0, 2]], [0, 1])  # fallback: full height, width clamped to ratio 4/3
+    assert np.allclose((wide.roi[:, 3] - wide.roi[:, 1]) * 1000, 133, atol=0.51)
 
 
 def test_view_parameters_follow_the_recipe():
@@ -209,6 +216,14 @@ def test_view_parameters_follow_the_recipe():
     assert v.sigma.min() >= 0.1 and v.sigma.max() <= 2.0
     w = draw_views(aug, 0, 0, np.arange(n), np.tile([[64, 48]], (n, 1)), view=1)
     assert not np.array_equal(v.roi, w.roi)  # the two views are drawn independently
+    again = draw_views(aug, 0, 0, np.arange(n)[::-1], np.tile([[64, 48]], (n, 1)), view=0)
+    assert np.array_equal(again.roi[::-1], v.roi)  # keyed by index: order does not matter
+    from kernels.color import colour_matrix
+
+    for k in range(0, n, 397):  # the batched colour maps equal the per-sample definition
+        on = v.jitter_on[k]
+        want = colour_matrix(v.jitter[k, 2] if on else 1.0, v.jitter[k, 3] if on else 0.0, bool(v.gray[k]))
+        assert np.allclose(v.colour_m[k], want, atol=1e-6)
 
 
 def _view_stats(batches):
@@ -237,3 +252,22 @@ def test_views_statistically_equivalent_to_torchvision(tiny_data):
     assert torch.allclose(ds, ts, rtol=0.25), (ds, ts)     # spread of that mean across views
     assert torch.allclose(dsp, tsp, rtol=0.2), (dsp, tsp)  # within-view contrast
     assert abs(float(dg) - float(tg)) < 0.08 and abs(float(dg) - 0.2) < 0.08, (dg, tg)
+
+
+@pytest.mark.parametrize("mode,kw", [("RGB", {}), ("RGB", {"progressive": True}), ("L", {}), ("CMYK", {}),
+                                     ("RGB", {"fmt": "PNG"}), ("RGB", {"fmt": "BMP"})])
+def test_header_size_matches_pil(mode, kw):
+    fmt = kw.pop("fmt", "JPEG")
+    for w, h in ((1, 1), (37, 5), (640, 480), (3000, 17)):
+        buf = io.BytesIO()
+        Image.new(mode, (w, h), 90).save(buf, fmt, **kw)
+        assert header_size(buf.getvalue()) == (w, h)
+
+
+def test_header_size_rejects_malformed_headers():
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buf, "JPEG")
+    good = buf.getvalue()
+    for bad in (good[:20], b"\xff\xd8\x00\x00" + good[4:], b"not an image at all", b""):
+        with pytest.raises(Exception):
+            header_size(bad)

@@ -1,0 +1,81 @@
+"""Per-sample MoCo v2 view parameters, drawn in numba from the counter-based generator (kernels/rng.py).
+
+For sample `index` and view `view` (0 or 1), every number is uniform4(seed, epoch, VIEW_KEY + view,
+index, counter): a pure function of its keys, so the views are the same on any thread count, rank
+layout or resume, and ~1 us a sample (a numpy Generator per sample cost ~40 us, the DALI feeder's
+limit on a GPU). VIEW_KEY = 2**30 keeps these draws apart from the mask draws, whose batch slot is
+step * world + rank.
+
+RandomResizedCrop follows torchvision's rule (get_params): up to 10 tries (counters 0-9) of
+area = U(scale) * W * H and aspect = exp(U(log ratio)), w = round(sqrt(area * aspect)),
+h = round(sqrt(area / aspect)), accepted if it fits, at a uniform offset; else the whole image
+clamped to the ratio range, centred. Counters 10-12 give the jitter switch and factors
+(b, c, s ~ U(1 - x, 1 + x), hue ~ U(-x, x) of the circle, returned in degrees), grayscale, blur
+switch and sigma ~ U(blur_sigma), solarize, flip.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from kernels.rng import uniform4
+
+VIEW_KEY = 1 << 30
+
+
+@njit(nogil=True, cache=True)
+def draw_view_params(seed, epoch, view, indices, sizes, scale, ratio, p, jit, sigma_range,
+                     roi, flip, jitter_on, jitter, gray, blur_on, sigma, solarize):
+    """indices (N,) int64; sizes (N, 2) int64 (W, H) px; scale, ratio, sigma_range (2,) float64;
+    p (5,) float64 = (jitter, gray, blur, solarize, flip) probabilities; jit (4,) float64 jitter
+    strengths. Writes roi (N, 4) float32 = (y0, x0, y1, x1) fractions, flip/jitter_on/gray/blur_on/
+    solarize (N,) int32, jitter (N, 4) float32, sigma (N,) float32."""
+    slot = VIEW_KEY + view
+    log_lo = math.log(ratio[0])
+    log_hi = math.log(ratio[1])
+    s = np.uint64(seed)
+    for k in range(indices.shape[0]):
+        i = indices[k]
+        W = sizes[k, 0]
+        H = sizes[k, 1]
+        area = W * H
+        x0 = y0 = w = h = -1
+        for t in range(10):
+            u0, u1, u2, u3 = uniform4(s, epoch, slot, i, t)
+            target = area * (scale[0] + (scale[1] - scale[0]) * u0)
+            aspect = math.exp(log_lo + (log_hi - log_lo) * u1)
+            tw = int(round(math.sqrt(target * aspect)))
+            th = int(round(math.sqrt(target / aspect)))
+            if 0 < tw <= W and 0 < th <= H:
+                w, h = tw, th
+                y0 = min(int(u2 * (H - h + 1)), H - h)
+                x0 = min(int(u3 * (W - w + 1)), W - w)
+                break
+        if w < 0:  # fallback: the whole image clamped to the ratio range, centred
+            in_ratio = W / H
+            if in_ratio < ratio[0]:
+                w, h = W, int(round(W / ratio[0]))
+            elif in_ratio > ratio[1]:
+                h, w = H, int(round(H * ratio[1]))
+            else:
+                w, h = W, H
+            x0, y0 = (W - w) // 2, (H - h) // 2
+        roi[k, 0] = y0 / H
+        roi[k, 1] = x0 / W
+        roi[k, 2] = (y0 + h) / H
+        roi[k, 3] = (x0 + w) / W
+        a0, a1, a2, a3 = uniform4(s, epoch, slot, i, 10)
+        b0, b1, b2, b3 = uniform4(s, epoch, slot, i, 11)
+        c0, c1, _, _ = uniform4(s, epoch, slot, i, 12)
+        jitter_on[k] = a0 < p[0]
+        jitter[k, 0] = 1 + jit[0] * (2 * a1 - 1)
+        jitter[k, 1] = 1 + jit[1] * (2 * a2 - 1)
+        jitter[k, 2] = 1 + jit[2] * (2 * a3 - 1)
+        jitter[k, 3] = 360 * jit[3] * (2 * b0 - 1)
+        gray[k] = b1 < p[1]
+        blur_on[k] = b2 < p[2]
+        sigma[k] = sigma_range[0] + (sigma_range[1] - sigma_range[0]) * b3
+        solarize[k] = c0 < p[3]
+        flip[k] = c1 < p[4]
