@@ -239,10 +239,11 @@ def find_undecodable(paths: Sequence[str], threads: int = 2, batch: int = 64,
 # The training loader
 
 class _Feeder:
-    """The pipeline's external source: this rank's batches of an epoch, in order, with view parameters.
+    """The pipeline's external source: this rank's batches, in order, epoch after epoch.
 
     Each call returns the next batch [bytes, view-0 parameters..., view-1 parameters...] and appends
-    its (labels, indices) to ``pending``; raises StopIteration after the epoch's last batch.
+    (epoch, batch, paths, labels, indices) to ``pending``; after an epoch's last batch it goes on with
+    the next epoch, so the pipeline prefetches across epoch boundaries and is built once per run.
     """
 
     def __init__(self, index: FolderIndex, aug: AugParams, batch: int, rank: int, world: int, seed: int,
@@ -251,15 +252,19 @@ class _Feeder:
         self.aug, self.batch, self.rank, self.world, self.seed = aug, batch, rank, world, seed
         self.bad = bad  # path -> reason (shared with the loader)
         self.inputs = inputs  # the pipeline's per-view parameter inputs
-        self.epoch, self.pos, self.order = 0, 0, np.zeros(0, np.int64)
-        self.pending: deque[tuple[list[str], np.ndarray, np.ndarray]] = deque()
+        self.per_epoch = batches_per_epoch(len(self.paths), world, batch)
+        self.epoch, self.pos, self.order = 0, 0, None
+        self.pending: deque[tuple[int, int, list[str], np.ndarray, np.ndarray]] = deque()
 
     def start(self, epoch: int, batch_index: int) -> None:
-        if epoch != self.epoch or not len(self.order):
-            self.order = shard_indices(len(self.paths), self.rank, self.world, self.batch, seed=self.seed,
-                                       epoch=epoch, shuffle=True, drop_last=True)
-        self.epoch, self.pos = epoch, batch_index
+        self.epoch, self.pos, self.order = epoch, batch_index, None
         self.pending.clear()
+
+    def next_key(self) -> tuple[int, int]:
+        """(epoch, batch) of the next batch the loader will receive."""
+        if self.pending:
+            return self.pending[0][0], self.pending[0][1]
+        return (self.epoch + 1, 0) if self.pos >= self.per_epoch else (self.epoch, self.pos)
 
     def _read(self, i: int) -> tuple[str, np.ndarray, tuple[int, int], int]:
         n = len(self.paths)
@@ -278,9 +283,13 @@ class _Feeder:
         raise DataError(f"16 consecutive unreadable images from {self.paths[i]}")
 
     def __call__(self):
-        if (self.pos + 1) * self.batch > len(self.order):
-            raise StopIteration
+        if self.pos >= self.per_epoch:
+            self.epoch, self.pos, self.order = self.epoch + 1, 0, None
+        if self.order is None:
+            self.order = shard_indices(len(self.paths), self.rank, self.world, self.batch, seed=self.seed,
+                                       epoch=self.epoch, shuffle=True, drop_last=True)
         idx = self.order[self.pos * self.batch:(self.pos + 1) * self.batch]
+        key = (self.epoch, self.pos)
         self.pos += 1
         read = [self._read(int(i)) for i in idx]
         paths, data, sizes, labels = (list(t) for t in zip(*read))
@@ -290,7 +299,7 @@ class _Feeder:
             for name in self.inputs:
                 col = getattr(vb, name)
                 out.append(list(col[:, None] if name == "sigma" else col))  # sigma: (1,) a sample
-        self.pending.append((paths, np.asarray(labels, np.int64), np.asarray(idx, np.int64)))
+        self.pending.append((*key, paths, np.asarray(labels, np.int64), np.asarray(idx, np.int64)))
         return out
 
 
@@ -334,6 +343,7 @@ class DaliTrainLoader:
         self.epoch, self.start_batch = epoch, start_batch
 
     def _build(self, batch_index: int) -> None:
+        """A fresh pipeline whose first batch is `batch_index` of self.epoch."""
         self.pipe = None
         self.feeder.start(self.epoch, batch_index)
         device_id = None
@@ -346,7 +356,7 @@ class DaliTrainLoader:
     def _recover(self, step: int, error: Exception, tries: int) -> None:
         """The pipeline raised on batch `step`: find the undecodable files among the batches in
         flight, mark them bad and rebuild from `step`. Re-raises when no file is to blame."""
-        in_flight = [p for paths, _, _ in self.feeder.pending for p in paths]
+        in_flight = [p for _, _, paths, _, _ in self.feeder.pending for p in paths]
         found = find_undecodable(sorted(set(in_flight)), threads=self.threads)
         for path, why in found:
             self._bad[path] = why
@@ -369,22 +379,19 @@ class DaliTrainLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, step = self.epoch, self.start_batch
-        self._build(step)
+        if self.pipe is None or self.feeder.next_key() != (epoch, step):
+            self._build(step)  # first epoch, resume, or the last pass stopped early: start afresh
         tries = 0
-        try:
-            while step < len(self):
-                try:
-                    v1, v2 = self.pipe.run()
-                except StopIteration:
-                    break
-                except Exception as e:  # noqa: BLE001 - decoder errors come as RuntimeError
-                    tries += 1
-                    self._recover(step, e, tries)
-                    continue
-                _, labels, idx = self.feeder.pending.popleft()
-                x1, x2 = self._owned(v1), self._owned(v2)  # (N, S, S, 3) uint8 each
-                labels_t = torch.from_numpy(labels).to(self.device, non_blocking=True)
-                yield self.stage(x1, x2, labels_t, torch.from_numpy(idx), epoch, step)
-                step += 1
-        finally:
-            self.pipe = None  # free DALI's buffers between epochs
+        while step < len(self):
+            try:
+                v1, v2 = self.pipe.run()
+            except Exception as e:  # noqa: BLE001 - decoder errors come as RuntimeError
+                tries += 1
+                self._recover(step, e, tries)
+                continue
+            got_epoch, got_step, _, labels, idx = self.feeder.pending.popleft()
+            assert (got_epoch, got_step) == (epoch, step), ((got_epoch, got_step), (epoch, step))
+            x1, x2 = self._owned(v1), self._owned(v2)  # (N, S, S, 3) uint8 each
+            labels_t = torch.from_numpy(labels).to(self.device, non_blocking=True)
+            yield self.stage(x1, x2, labels_t, torch.from_numpy(idx), epoch, step)
+            step += 1

@@ -81,6 +81,25 @@ def test_deterministic_epoch_order_and_resume(tiny_data):
     assert not torch.equal(take(loader(tiny_data, seed=1), epoch=1)[0].x1, a[0].x1)
 
 
+def test_pipeline_reused_across_epochs_and_rebuilt_after_a_break(tiny_data):
+    """One loader over epochs 0, 1 (prefetching across the boundary, one pipeline), then a pass of
+    epoch 2 cut after 2 batches and epoch 2 again: the same batches as fresh loaders give."""
+    ld = loader(tiny_data)
+    take(ld, epoch=0)
+    pipe = ld.pipe
+    e1 = take(ld, epoch=1)
+    assert ld.pipe is pipe  # epoch 1 continued the same pipeline
+    ld.set_epoch(2)
+    for k, _ in enumerate(ld):
+        if k == 1:
+            break
+    e2 = take(ld, epoch=2)
+    for got, fresh in ((e1, take(loader(tiny_data), epoch=1)), (e2, take(loader(tiny_data), epoch=2))):
+        assert len(got) == len(fresh)
+        for x, y in zip(got, fresh):
+            assert torch.equal(x.index, y.index) and torch.equal(x.x1, y.x1) and torch.equal(x.mixed, y.mixed)
+
+
 def test_mixmask_pixels_from_the_right_source(tiny_data):
     st = stage(per_sample=True)
     b = take(loader(tiny_data, st=st))[0]
