@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	$(MAKE) apt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,dali]'
+	$(PY) -m pip install -q -e '.[dev,dali,ffcv]'
 	touch $@
 
 # No GPU: accelerate's --cpu launcher (train.py fans out to NPROC gloo processes); GPUs: --multi_gpu.

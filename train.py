@@ -4,6 +4,7 @@
     accelerate launch train.py linear [--config FILE ...] [eval.checkpoint=PATH ...] linear probe
     accelerate launch train.py knn [--config FILE ...] [eval.checkpoint=PATH ...]    kNN top-1
     python train.py check [--config FILE ...] [data.root=DIR]    list the images the backend cannot decode
+    python train.py write-beton [--overwrite] [--config FILE ...] [data.ffcv_*=...]   ImageFolder -> .beton
 
 Without --config, configs/demo.yaml is used (the embedded demo dataset). Plain ``python train.py``
 works too (one process). Outputs go to <run.out_dir>/<run.name>/ (see README.md).
@@ -142,9 +143,28 @@ def knn_monitor(cfg: Config, model, accelerator, root: Path):
     return run
 
 
+def beton_writer_args(cfg: Config, progress: bool) -> dict:
+    d = cfg.data
+    return dict(write_mode=d.ffcv_write_mode, max_resolution=d.ffcv_max_resolution, jpeg_quality=d.ffcv_jpeg_quality,
+                compress_probability=d.ffcv_compress_probability, workers=max(1, d.workers), progress=progress)
+
+
+def beton_dir(cfg: Config, root: Path) -> Path:
+    return Path(cfg.data.beton_dir) if cfg.data.beton_dir else root / "ffcv"
+
+
 def train_loader(cfg: Config, accelerator, index, aug: AugParams):
     """The training-view loader of data.backend (eval loaders are the torchvision ones for every backend)."""
     stage = make_stage(cfg, accelerator, masking=True)
+    if cfg.data.backend == "ffcv":
+        from loaders.ffcv_backend import FfcvTrainLoader, ensure_beton
+
+        with accelerator.main_process_first():  # the .beton is written once, by the main process
+            beton = ensure_beton(index.root.parent, "train", beton_dir(cfg, index.root.parent),
+                                 **beton_writer_args(cfg, cfg.run.progress and accelerator.is_main_process))
+        return FfcvTrainLoader(beton, aug, stage, cfg.data.batch_size, accelerator.process_index,
+                               accelerator.num_processes, cfg.data.workers, cfg.run.seed, accelerator.device,
+                               cfg.data.ffcv_os_cache, cfg.data.ffcv_order)
     args = (index, aug, stage, cfg.data.batch_size, accelerator.process_index, accelerator.num_processes,
             cfg.data.workers, cfg.data.prefetch, cfg.run.seed, accelerator.device)
     if cfg.data.backend == "dali":
@@ -170,6 +190,21 @@ def cmd_check(cfg: Config) -> int:
         print(f"{path}\t{why}")
     print(f"{len(bad)} of {len(paths)} images cannot be decoded by the {cfg.data.backend} backend", file=sys.stderr)
     return 1 if bad else 0
+
+
+def cmd_write_beton(cfg: Config, overwrite: bool) -> int:
+    """Write <beton_dir>/train.beton and val.beton from the ImageFolder at data.root (or the demo set)."""
+    from loaders.ffcv_backend import write_beton
+
+    root = Path(cfg.data.root) if cfg.data.root else ensure_demo_dataset()
+    out = beton_dir(cfg, root)
+    for split in ("train", "val"):
+        f = write_beton(root, split, out / f"{split}.beton", overwrite=overwrite, **beton_writer_args(cfg, cfg.run.progress))
+        print(f"{f['path']}: {f['samples']} images, {f['classes']} classes, {f['bytes'] / 1e6:.1f} MB, "
+              f"{len(f['skipped'])} skipped, {f['seconds']:.1f} s ({f['write_mode']})")
+        for bad in f["skipped"]:
+            print(f"  skipped {bad}")
+    return 0
 
 
 def cmd_train(cfg: Config) -> dict:
@@ -331,17 +366,21 @@ def main(argv: list[str] | None = None) -> int:
     code = fan_out_cpu_processes(argv)
     if code is not None:
         return code
-    command = argv.pop(0) if argv and argv[0] in ("train", "linear", "knn", "check") else "train"
+    command = argv.pop(0) if argv and argv[0] in ("train", "linear", "knn", "check", "write-beton") else "train"
     parser = argparse.ArgumentParser(prog=f"train.py {command}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", default=None, help="YAML file(s) of overrides, in order")
     parser.add_argument("overrides", nargs="*", help="section.field=value")
+    if command == "write-beton":
+        parser.add_argument("--overwrite", action="store_true", help="replace existing .beton files")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config or [DEFAULT_CONFIG], args.overrides)
         if command == "check":
             return cmd_check(cfg)
+        if command == "write-beton":
+            return cmd_write_beton(cfg, args.overwrite)
         if command == "train":
             cmd_train(cfg)
         else:

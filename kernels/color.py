@@ -157,3 +157,23 @@ def gaussian_blur_reference(img: np.ndarray, sigma: float) -> np.ndarray:
     v = np.floor(np.minimum(v + 0.5, 255)).astype(np.uint8).astype(np.float32)
     h = sum(w[i] * v[:, np.clip(np.arange(W) + k[i], 0, W - 1)] for i in range(len(k)))
     return np.floor(np.minimum(h + 0.5, 255)).astype(np.uint8)
+
+
+@njit(nogil=True, cache=True)
+def colour_map_into(saturation, hue_deg, gray, brightness, contrast, m, cb):
+    """colour_matrix and the (c * b, (1 - c) * b) pair of one view, written into m (3, 3) and cb (2,)
+    float32 (numba form, for pipelines that draw their parameters inside compiled code)."""
+    th = hue_deg * math.pi / 180.0
+    k = 0.0 if gray else saturation
+    t11 = k * math.cos(th)
+    t12 = -k * math.sin(th)
+    t21 = k * math.sin(th)
+    for r in range(3):
+        # row r of RGB @ T: T = [[1, 0, 0], [0, t11, t12], [0, t21, t11]]
+        q0 = RGB[r, 0]
+        q1 = RGB[r, 1] * t11 + RGB[r, 2] * t21
+        q2 = RGB[r, 1] * t12 + RGB[r, 2] * t11
+        for c in range(3):
+            m[r, c] = q0 * YIQ[0, c] + q1 * YIQ[1, c] + q2 * YIQ[2, c]
+    cb[0] = contrast * brightness
+    cb[1] = (1.0 - contrast) * brightness

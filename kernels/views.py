@@ -18,11 +18,51 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import carray, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from kernels.rng import uniform4
 
 VIEW_KEY = 1 << 30
+
+
+@njit(nogil=True, cache=True)
+def draw_one(seed, epoch, view, i, W, H, scale, ratio, p, jit, sigma_range):
+    """One sample's view: (y0, x0, h, w) crop window in px, flip, jitter_on, (b, c, s, hue degrees),
+    gray, blur_on, sigma, solarize. Arguments as draw_view_params (seed: np.uint64)."""
+    slot = VIEW_KEY + view
+    log_lo = math.log(ratio[0])
+    log_hi = math.log(ratio[1])
+    area = W * H
+    x0 = y0 = w = h = -1
+    for t in range(10):
+        u0, u1, u2, u3 = uniform4(seed, epoch, slot, i, t)
+        target = area * (scale[0] + (scale[1] - scale[0]) * u0)
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u1)
+        tw = int(round(math.sqrt(target * aspect)))
+        th = int(round(math.sqrt(target / aspect)))
+        if 0 < tw <= W and 0 < th <= H:
+            w, h = tw, th
+            y0 = min(int(u2 * (H - h + 1)), H - h)
+            x0 = min(int(u3 * (W - w + 1)), W - w)
+            break
+    if w < 0:  # fallback: the whole image clamped to the ratio range, centred
+        in_ratio = W / H
+        if in_ratio < ratio[0]:
+            w, h = W, int(round(W / ratio[0]))
+        elif in_ratio > ratio[1]:
+            h, w = H, int(round(H * ratio[1]))
+        else:
+            w, h = W, H
+        x0, y0 = (W - w) // 2, (H - h) // 2
+    a0, a1, a2, a3 = uniform4(seed, epoch, slot, i, 10)
+    b0, b1, b2, b3 = uniform4(seed, epoch, slot, i, 11)
+    c0, c1, _, _ = uniform4(seed, epoch, slot, i, 12)
+    jitter = (1 + jit[0] * (2 * a1 - 1), 1 + jit[1] * (2 * a2 - 1), 1 + jit[2] * (2 * a3 - 1),
+              360 * jit[3] * (2 * b0 - 1))
+    sigma = sigma_range[0] + (sigma_range[1] - sigma_range[0]) * b3
+    return (y0, x0, h, w, c1 < p[4], a0 < p[0], jitter, b1 < p[1], b2 < p[2], sigma, c0 < p[3])
 
 
 @njit(nogil=True, cache=True)
@@ -32,50 +72,38 @@ def draw_view_params(seed, epoch, view, indices, sizes, scale, ratio, p, jit, si
     p (5,) float64 = (jitter, gray, blur, solarize, flip) probabilities; jit (4,) float64 jitter
     strengths. Writes roi (N, 4) float32 = (y0, x0, y1, x1) fractions, flip/jitter_on/gray/blur_on/
     solarize (N,) int32, jitter (N, 4) float32, sigma (N,) float32."""
-    slot = VIEW_KEY + view
-    log_lo = math.log(ratio[0])
-    log_hi = math.log(ratio[1])
     s = np.uint64(seed)
     for k in range(indices.shape[0]):
-        i = indices[k]
         W = sizes[k, 0]
         H = sizes[k, 1]
-        area = W * H
-        x0 = y0 = w = h = -1
-        for t in range(10):
-            u0, u1, u2, u3 = uniform4(s, epoch, slot, i, t)
-            target = area * (scale[0] + (scale[1] - scale[0]) * u0)
-            aspect = math.exp(log_lo + (log_hi - log_lo) * u1)
-            tw = int(round(math.sqrt(target * aspect)))
-            th = int(round(math.sqrt(target / aspect)))
-            if 0 < tw <= W and 0 < th <= H:
-                w, h = tw, th
-                y0 = min(int(u2 * (H - h + 1)), H - h)
-                x0 = min(int(u3 * (W - w + 1)), W - w)
-                break
-        if w < 0:  # fallback: the whole image clamped to the ratio range, centred
-            in_ratio = W / H
-            if in_ratio < ratio[0]:
-                w, h = W, int(round(W / ratio[0]))
-            elif in_ratio > ratio[1]:
-                h, w = H, int(round(H * ratio[1]))
-            else:
-                w, h = W, H
-            x0, y0 = (W - w) // 2, (H - h) // 2
+        y0, x0, h, w, fl, jon, jt, gr, bon, sg, sol = draw_one(s, epoch, view, indices[k], W, H, scale, ratio,
+                                                              p, jit, sigma_range)
         roi[k, 0] = y0 / H
         roi[k, 1] = x0 / W
         roi[k, 2] = (y0 + h) / H
         roi[k, 3] = (x0 + w) / W
-        a0, a1, a2, a3 = uniform4(s, epoch, slot, i, 10)
-        b0, b1, b2, b3 = uniform4(s, epoch, slot, i, 11)
-        c0, c1, _, _ = uniform4(s, epoch, slot, i, 12)
-        jitter_on[k] = a0 < p[0]
-        jitter[k, 0] = 1 + jit[0] * (2 * a1 - 1)
-        jitter[k, 1] = 1 + jit[1] * (2 * a2 - 1)
-        jitter[k, 2] = 1 + jit[2] * (2 * a3 - 1)
-        jitter[k, 3] = 360 * jit[3] * (2 * b0 - 1)
-        gray[k] = b1 < p[1]
-        blur_on[k] = b2 < p[2]
-        sigma[k] = sigma_range[0] + (sigma_range[1] - sigma_range[0]) * b3
-        solarize[k] = c0 < p[3]
-        flip[k] = c1 < p[4]
+        flip[k] = fl
+        jitter_on[k] = jon
+        for q in range(4):
+            jitter[k, q] = jt[q]
+        gray[k] = gr
+        blur_on[k] = bon
+        sigma[k] = sg
+        solarize[k] = sol
+
+
+@intrinsic
+def _as_pointer(typingctx, address):
+    """int64 address -> void* (to read a cell the Python side updates between calls)."""
+    sig = types.voidptr(address)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return sig, codegen
+
+
+@njit(nogil=True)
+def read_cell(address):
+    """The int64 at `address` (e.g. a one-element numpy array's ctypes.data), read at run time: lets
+    compiled pipeline code see a value (the epoch) that the host changes after compilation."""
+    return carray(_as_pointer(address), (1,), np.int64)[0]

@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     root: str = ""  # ImageFolder root (root/train/<class>/*, root/val/<class>/*); "" = embedded demo set
-    backend: Literal["torchvision", "dali"] = "torchvision"  # input pipeline for the training views (FFCV next)
+    backend: Literal["torchvision", "dali", "ffcv"] = "torchvision"  # input pipeline for the training views
     image_size: int = 64  # side of both training views after RandomResizedCrop (px)
     eval_resize: int = 0  # eval: resize shorter side to this before the centre crop; 0 = image_size * 8/7
     batch_size: int = 128  # per process; global batch = batch_size * processes * grad_accum
@@ -43,6 +43,13 @@ class DataConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # normalisation mean (ImageNet, 0-1 units)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # normalisation std (ImageNet, 0-1 units)
     hw_decoder_load: float = 0.65  # dali on a GPU: share of JPEGs sent to the hardware decoder (A100/H100)
+    beton_dir: str = ""  # ffcv: where train.beton / val.beton live (written on first use); "" = <root>/ffcv
+    ffcv_write_mode: Literal["raw", "jpg", "proportion"] = "jpg"  # ffcv writer: pixels, JPEG, or a JPEG share
+    ffcv_max_resolution: int = 0  # ffcv writer: longest side stored (px); 0 = as is
+    ffcv_jpeg_quality: int = 90  # ffcv writer: JPEG quality of re-encoded images
+    ffcv_compress_probability: float = 0.5  # ffcv writer, proportion mode: share of images stored as JPEG
+    ffcv_os_cache: bool = True  # ffcv: read through the page cache (False: FFCV's own reader, big datasets)
+    ffcv_order: Literal["random", "quasi_random"] = "random"  # ffcv: per-epoch sharded permutation, or FFCV's quasi-random (1 process)
     channels_last: bool = True  # NHWC memory for the views (faster convolutions, free from NHWC uint8)
 
 
@@ -229,6 +236,9 @@ def validate(cfg: Config) -> None:
         (cfg.data.workers >= 0, "data.workers must be >= 0"),
         (cfg.data.backend != "dali" or cfg.data.workers >= 1, "data.workers (DALI threads) must be >= 1 for dali"),
         (0 <= cfg.data.hw_decoder_load <= 1, "data.hw_decoder_load must be in [0, 1]"),
+        (cfg.data.ffcv_max_resolution >= 0, "data.ffcv_max_resolution must be >= 0"),
+        (1 <= cfg.data.ffcv_jpeg_quality <= 100, "data.ffcv_jpeg_quality must be in [1, 100]"),
+        (0 <= cfg.data.ffcv_compress_probability <= 1, "data.ffcv_compress_probability must be in [0, 1]"),
         (0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1, "data.crop_scale must satisfy 0 < lo <= hi <= 1"),
         (0 < cfg.data.crop_ratio[0] <= cfg.data.crop_ratio[1], "data.crop_ratio must satisfy 0 < lo <= hi"),
         (all(s > 0 for s in cfg.data.std), "data.std must be positive"),

@@ -66,15 +66,19 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     assert torch.allclose(a["queue"], b["queue"], atol=1e-5)
 
 
-@pytest.mark.dali
-def test_dali_backend_trains_and_resumes_exactly(tiny_data, tmp_path):
-    """data.backend=dali end to end: the same summary, and a cut + resumed run equals the full run."""
-    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip install '.[dali]')")
-    dali = ("data.backend=dali", "data.workers=1")
+@pytest.mark.parametrize("backend,module", [pytest.param("dali", "nvidia.dali", marks=pytest.mark.dali),
+                                            pytest.param("ffcv", "ffcv", marks=pytest.mark.ffcv)])
+def test_backend_trains_and_resumes_exactly(tiny_data, tmp_path, backend, module):
+    """data.backend=dali|ffcv end to end: the same summary, and a cut + resumed run equals the full run."""
+    pytest.importorskip(module, reason=f"{module} not installed (pip install '.[{backend}]')")
+    root = tmp_path / "data"  # a private copy: the ffcv backend writes its .beton beside the images
+    shutil.copytree(tiny_data, root)
+    tiny_data = root
+    dali = (f"data.backend={backend}", "data.workers=1")
     full = run_train(*tiny_args(tiny_data, tmp_path, "full", *dali, "run.max_steps=7"))
     assert full.returncode == 0, full.stderr[-3000:]
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
-    assert summary["config"]["data"]["backend"] == "dali" and summary["steps"] == 7
+    assert summary["config"]["data"]["backend"] == backend and summary["steps"] == 7
     assert summary["images_per_sec"] > 0 and 0 <= summary["knn_top1"] <= 100
     assert run_train(*tiny_args(tiny_data, tmp_path, "cut", *dali, "run.max_steps=2")).returncode == 0
     second = run_train(*tiny_args(tiny_data, tmp_path, "cut", *dali, "run.max_steps=7"))
@@ -85,9 +89,19 @@ def test_dali_backend_trains_and_resumes_exactly(tiny_data, tmp_path):
         assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-5)
 
 
-def test_check_command_lists_undecodable_files(tiny_data, tmp_path):
-    import shutil
+@pytest.mark.ffcv
+def test_write_beton_command(tiny_data, tmp_path):
+    pytest.importorskip("ffcv")
+    args = ["write-beton", f"data.root={tiny_data}", f"data.beton_dir={tmp_path / 'b'}", "run.progress=false"]
+    res = run_train(*args, "data.ffcv_write_mode=raw")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "train.beton: 80 images, 10 classes" in res.stdout and "val.beton: 40 images" in res.stdout
+    again = run_train(*args)
+    assert again.returncode == 2 and "exists" in again.stderr  # refuses to overwrite
+    assert run_train(*args, "--overwrite").returncode == 0
 
+
+def test_check_command_lists_undecodable_files(tiny_data, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(tiny_data, root)
     bad = next((root / "val").iterdir()) / "broken.jpg"

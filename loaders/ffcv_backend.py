@@ -1,0 +1,378 @@
+"""The FFCV backend: .beton files, one JPEG decode per image, two MoCo v2 views in one compiled op.
+
+    data.backend=ffcv   (pip install '.[ffcv]': ffcv 1.0.2 builds against libturbojpeg and OpenCV)
+
+Writing (``write_beton``, ``python train.py write-beton``): an ImageFolder split -> <dir>/<split>.beton
+with fields image (RGBImageField: raw, jpg or proportion mode, max_resolution, jpeg_quality), label
+and index (the file's position in the folder index). Files PIL cannot decode are skipped and
+reported, never fatal; the result is read back and checked (count, labels); an existing file is
+kept unless overwrite is asked.
+
+Reading (``FfcvTrainLoader``): an FFCV Loader whose image pipeline is one operation,
+``TwoViewDecoder``: per sample it decodes the stored image ONCE (FFCV's turbojpeg imdecode, or the
+raw pixels), then for each of the two views crops and resizes (FFCV's OpenCV resize_crop), applies
+colour jitter + grayscale as one affine map and the Gaussian blur (kernels/color.py), solarize and
+flip, all compiled by FFCV's numba pipeline and run in its threads. FFCV-SSL instead decodes the JPEG
+once per view. View parameters come from kernels/views.py keyed by (seed, epoch, index, view), the
+same draws as the DALI backend; the epoch reaches the compiled code through a one-element array the
+loader updates (kernels.views.read_cell). The order is this rank's shard of the per-epoch
+permutation (loaders/sharding.py), so every backend visits the same samples; FFCV's QUASI_RANDOM
+order (one process only) is the alternative for datasets larger than the page cache (os_cache=False).
+The (N, 2, S, S, 3) uint8 views are copied out of FFCV's reused buffers before the device stage
+(loaders/device_stage.MixStage: normalise, layout, MixMask with our kernels).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loaders.device_stage import MixStage
+from loaders.folder import DataError, index_split
+from loaders.sharding import batches_per_epoch, shard_indices
+from loaders.torchvision_backend import AugParams
+from mixmask.batch import Batch
+
+log = logging.getLogger(__name__)
+
+WRITE_MODES = ("raw", "jpg", "proportion")
+
+
+def require_ffcv():
+    try:
+        import ffcv  # noqa: F401
+    except ImportError as e:
+        raise DataError("data.backend=ffcv needs FFCV: apt install libturbojpeg0-dev libopencv-dev pkg-config, "
+                        "then pip install '.[ffcv]'") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+class _FolderImages:
+    """An indexable (image, label, index) dataset over the decodable files of a split."""
+
+    def __init__(self, paths, labels, positions, max_resolution: int):
+        self.paths, self.labels, self.positions, self.max_res = paths, labels, positions, max_resolution
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as im:
+            img = im.convert("RGB")
+        if self.max_res and max(img.size) > self.max_res:  # the writer would resize too; fewer bytes to pickle
+            s = self.max_res / max(img.size)
+            img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BILINEAR)
+        return np.asarray(img), self.labels[i], self.positions[i]
+
+
+def _check_image(path: str) -> str | None:
+    from loaders.torchvision_backend import _DECODE_ERRORS, _decode
+
+    try:
+        _decode(path)
+        return None
+    except _DECODE_ERRORS as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def write_beton(root: str | Path, split: str, out: str | Path, write_mode: str = "jpg",
+                max_resolution: int = 0, jpeg_quality: int = 90, compress_probability: float = 0.5,
+                workers: int = 2, overwrite: bool = False, progress: bool = True) -> dict:
+    """Convert root/<split> (ImageFolder) to the .beton file `out`. -> facts (samples, skipped, bytes)."""
+    require_ffcv()
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    from tqdm import tqdm
+
+    if write_mode not in WRITE_MODES:
+        raise DataError(f"write_mode must be one of {WRITE_MODES}, got {write_mode!r}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} exists (pass overwrite to replace it)")
+    index = index_split(root, split)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes release the GIL
+        checks = list(tqdm(pool.map(_check_image, index.paths), total=len(index), desc=f"check {split}",
+                           unit="img", disable=not progress))
+    bad = [(p, why) for p, why in zip(index.paths, checks) if why is not None]
+    for p, why in bad:
+        log.warning("skipped undecodable image %s (%s)", p, why)
+    keep = [k for k, why in enumerate(checks) if why is None]
+    if not keep:
+        raise DataError(f"no decodable images in {index.root}")
+    ds = _FolderImages([index.paths[k] for k in keep], [index.labels[k] for k in keep], keep, max_resolution)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    fields = {
+        "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution or None,
+                               jpeg_quality=jpeg_quality, compress_probability=compress_probability),
+        "label": IntField(),
+        "index": IntField(),
+    }
+    writer = DatasetWriter(str(tmp), fields, num_workers=max(1, workers))
+    writer.from_indexed_dataset(ds, chunksize=64, shuffle_indices=False)  # FFCV shows its own bar
+    facts = _validate(tmp, ds)
+    os.replace(tmp, out)  # atomic: a crash never leaves a half-written .beton under the final name
+    facts.update(path=str(out), split=split, skipped=[f"{p} ({why})" for p, why in bad], write_mode=write_mode,
+                 seconds=time.perf_counter() - t0, bytes=out.stat().st_size)
+    log.info("wrote %s: %d images, %d skipped, %.1f MB", out, facts["samples"], len(bad), facts["bytes"] / 1e6)
+    return facts
+
+
+def _validate(path: Path, ds: _FolderImages) -> dict:
+    """Read the labels and indices back: the count and every label must match the folder's."""
+    from ffcv.reader import Reader
+
+    r = Reader(str(path))
+    if r.num_samples != len(ds):
+        raise DataError(f"{path}: {r.num_samples} samples written, {len(ds)} expected")
+    labels = np.asarray(r.metadata["f1"]).astype(np.int64)  # field order: image, label, index
+    positions = np.asarray(r.metadata["f2"]).astype(np.int64)
+    if not (np.array_equal(labels, ds.labels) and np.array_equal(positions, ds.positions)):
+        raise DataError(f"{path}: labels or indices read back differ from the folder's")
+    return {"samples": int(r.num_samples), "classes": int(labels.max()) + 1}
+
+
+def ensure_beton(root: Path, split: str, out_dir: Path, **kw) -> Path:
+    """<out_dir>/<split>.beton, written on first use (kept afterwards)."""
+    out = Path(out_dir) / f"{split}.beton"
+    if not out.exists():
+        write_beton(root, split, out, **kw)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The two-view decoder
+
+def two_view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray):
+    """An FFCV Operation (built lazily: ffcv is optional) that decodes once and emits (2, S, S, 3)."""
+    from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
+    from ffcv.libffcv import imdecode, memcpy, resize_crop
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+
+    from kernels.color import colour_affine_hwc, colour_map_into, gaussian_blur_hwc
+    from kernels.views import draw_one, read_cell
+
+    class TwoViewDecoder(SimpleRGBImageDecoder):  # FFCV takes a field's decoder by its class
+
+        def declare_state_and_memory(self, previous_state):
+            widths, heights = self.metadata["width"], self.metadata["height"]
+            self.max_w, self.max_h = np.uint64(widths.max()), np.uint64(heights.max())
+            S = aug.size
+            out_shape = (2, S, S, 3)
+            u8 = np.dtype("<u1")
+            return (replace(previous_state, jit_mode=True, shape=out_shape, dtype=u8),
+                    (AllocationQuery(out_shape, u8),                                       # the views
+                     AllocationQuery((self.max_h * self.max_w * np.uint64(3),), u8),        # decoded image
+                     AllocationQuery((S, S, 3), u8),                                        # scratch view
+                     AllocationQuery((3, 3), np.dtype("<f4")),                              # colour map
+                     AllocationQuery((2,), np.dtype("<f4"))))
+
+        def generate_code(self):
+            jpg = IMAGE_MODES["jpg"]
+            mem_read = self.memory_read
+            my_range = Compiler.get_iterator()
+            imdecode_c = Compiler.compile(imdecode)
+            resize_crop_c = Compiler.compile(resize_crop)
+            memcpy_c = Compiler.compile(memcpy)
+            colour_c = Compiler.compile(colour_affine_hwc)
+            blur_c = Compiler.compile(gaussian_blur_hwc)
+            f64 = lambda *v: np.asarray(v, np.float64)  # noqa: E731
+            scale, ratio, sig_r = f64(*aug.crop_scale), f64(*aug.crop_ratio), f64(*aug.blur_sigma)
+            probs = f64(aug.jitter_p, aug.gray_p, aug.blur_p, aug.solarize_p, aug.flip_p)
+            jit_s = f64(*aug.jitter)
+            seed_u = np.uint64(seed)
+            cell = epoch_cell.ctypes.data  # the loader writes the epoch there before each pass
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                dest, temp, scratch, cmat, cbuf = my_storage
+                epoch = read_cell(cell)
+                for k in my_range(len(batch_indices)):
+                    i = batch_indices[k]
+                    field = metadata[i]
+                    data = mem_read(field["data_ptr"], storage_state)
+                    H, W = field["height"], field["width"]
+                    if field["mode"] == jpg:
+                        img = temp[k][:H * W * 3]
+                        imdecode_c(data, img, H, W, H, W, 0, 0, 1, 1, False, False)
+                        img = img.reshape(H, W, 3)
+                    else:
+                        img = data.reshape(H, W, 3)
+                    for v in range(2):
+                        y0, x0, h, w, fl, jon, jt, gr, bon, sg, sol = draw_one(
+                            seed_u, epoch, v, np.int64(i), np.int64(W), np.int64(H), scale, ratio, probs, jit_s, sig_r)
+                        out = dest[k, v]
+                        resize_crop_c(img, y0, y0 + h, x0, x0 + w, out)
+                        if jon or gr:
+                            if jon:
+                                colour_map_into(jt[2], jt[3], gr, jt[0], jt[1], cmat[k], cbuf[k])
+                            else:
+                                colour_map_into(1.0, 0.0, gr, 1.0, 1.0, cmat[k], cbuf[k])
+                            colour_c(scratch[k], out, cmat[k], cbuf[k])
+                            memcpy_c(scratch[k], out)
+                        if bon:
+                            sgm = np.empty(1, np.float32)
+                            sgm[0] = sg
+                            blur_c(scratch[k], out, sgm)
+                            memcpy_c(scratch[k], out)
+                        if sol:
+                            for y in range(out.shape[0]):
+                                for x in range(out.shape[1]):
+                                    for c in range(3):
+                                        if out[y, x, c] >= 128:
+                                            out[y, x, c] = 255 - out[y, x, c]
+                        if fl:
+                            Sx = out.shape[1]
+                            for y in range(out.shape[0]):
+                                for x in range(Sx // 2):
+                                    for c in range(3):
+                                        t = out[y, x, c]
+                                        out[y, x, c] = out[y, Sx - 1 - x, c]
+                                        out[y, Sx - 1 - x, c] = t
+                return dest[:len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    return TwoViewDecoder()
+
+
+def _shard_order(n_batches_skip: int, rank: int, world: int, batch: int, seed: int):
+    """A TraversalOrder over this rank's shard of the per-epoch permutation (loaders/sharding.py).
+    ffcv 1.0.2 calls a TraversalOrder *instance* with the loader, so the instance returns itself."""
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class ShardOrder(TraversalOrder):
+        def __init__(self):  # noqa: D401 - set up by __call__
+            self.skip = n_batches_skip
+
+        def __call__(self, loader):
+            self.loader, self.indices = loader, loader.indices
+            return self
+
+        def sample_order(self, epoch: int):
+            order = shard_indices(len(self.indices), rank, world, batch, seed=seed, epoch=epoch, shuffle=True,
+                                  drop_last=True)
+            return self.indices[order[self.skip * batch:]]
+
+    return ShardOrder()
+
+
+class FfcvTrainLoader:
+    """Iterable of Batch for training (same interface as TorchvisionTrainLoader and DaliTrainLoader)."""
+
+    def __init__(self, beton: str | Path, aug: AugParams, stage: MixStage, batch_size: int, rank: int = 0,
+                 world: int = 1, workers: int = 2, seed: int = 0, device: str | torch.device = "cpu",
+                 os_cache: bool = True, order: str = "random", batches_ahead: int = 3):
+        require_ffcv()
+        from ffcv.reader import Reader
+
+        if order not in ("random", "quasi_random"):
+            raise DataError(f"ffcv order must be 'random' or 'quasi_random', got {order!r}")
+        if order == "quasi_random" and world > 1:
+            raise DataError("ffcv's quasi_random order does not shard across processes; use order=random")
+        self.beton, self.aug, self.stage, self.batch_size = str(beton), aug, stage, batch_size
+        self.rank, self.world, self.workers, self.seed = rank, world, workers, seed
+        self.device, self.os_cache, self.order, self.batches_ahead = torch.device(device), os_cache, order, batches_ahead
+        self.n = Reader(self.beton).num_samples
+        self.epoch_cell = np.zeros(1, np.int64)  # read by the compiled decoder (kernels.views.read_cell)
+        self.epoch, self.start_batch = 0, 0
+        self.bad_files: set[str] = set()  # bad files were dropped when the .beton was written
+        self._loader, self._skip = None, -1
+        self.compile_seconds = 0.0
+        _install_thread_hook()
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.n, self.world, self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _make(self, skip: int):
+        from ffcv.fields.decoders import IntDecoder
+        from ffcv.loader import Loader, OrderOption
+
+        order = (OrderOption.QUASI_RANDOM if self.order == "quasi_random"
+                 else _shard_order(skip, self.rank, self.world, self.batch_size, self.seed))
+        pipelines = {"image": [two_view_decoder(self.aug, self.seed, self.epoch_cell)],
+                     "label": [IntDecoder()], "index": [IntDecoder()]}
+        t0 = time.perf_counter()
+        loader = Loader(self.beton, batch_size=self.batch_size, num_workers=max(1, self.workers),
+                        os_cache=self.os_cache, order=order, seed=self.seed, pipelines=pipelines,
+                        drop_last=True, batches_ahead=self.batches_ahead)
+        self.compile_seconds += time.perf_counter() - t0
+        return loader
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, step = self.epoch, self.start_batch
+        skip = step if self.order == "random" else 0
+        fresh = self._loader is None or skip != self._skip
+        if fresh:
+            self._loader, self._skip = self._make(skip), skip
+            log.info("ffcv: compiling the two-view pipeline (during the first batch)")
+        self._loader.next_epoch = epoch
+        self.epoch_cell[0] = epoch
+        it = iter(self._loader)  # FFCV's EpochIterator: a thread filling a queue
+        t0 = time.perf_counter()
+        try:
+            while True:
+                try:
+                    item = it.output_queue.get(timeout=0.5)
+                except queue.Empty:
+                    if not it.is_alive():  # the thread died: FFCV would wait forever
+                        err = _THREAD_ERRORS.pop(id(it), None)
+                        raise DataError(f"FFCV pipeline failed in epoch {epoch} near batch {step} ({self.beton}): "
+                                        f"{type(err).__name__ if err else 'thread ended'}: {err}") from err
+                    continue
+                if item is None:
+                    break
+                slot, (views, labels, idx) = item
+                if it.loader is not None and torch.cuda.is_available():
+                    it.current_stream.wait_stream(it.cuda_streams[slot])
+                if fresh:
+                    log.info("ffcv: first batch after %.1f s (pipeline compilation included)", time.perf_counter() - t0)
+                    fresh = False
+                # (N, 2, S, S, 3) in FFCV's reused buffer -> owned (N, S, S, 3) copies on the device
+                x1 = torch.from_numpy(views[:, 0]).to(self.device, copy=True).contiguous()
+                x2 = torch.from_numpy(views[:, 1]).to(self.device, copy=True).contiguous()
+                lab = torch.from_numpy(labels.reshape(-1).astype(np.int64)).to(self.device)
+                yield self.stage(x1, x2, lab, torch.from_numpy(idx.reshape(-1).astype(np.int64)), epoch, step)
+                step += 1
+        finally:
+            it.close()
+
+
+_THREAD_ERRORS: dict[int, BaseException] = {}
+
+
+def _install_thread_hook() -> None:
+    """Keep the exception that ends one of FFCV's EpochIterator threads (it would only be printed,
+    and the consumer would wait forever) so that the loader can raise it in the main thread."""
+    previous = threading.excepthook
+    if getattr(previous, "_mixmask", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "EpochIterator":
+            _THREAD_ERRORS[id(args.thread)] = args.exc_value
+            return
+        previous(args)
+
+    hook._mixmask = True
+    threading.excepthook = hook
