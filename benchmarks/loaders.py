@@ -5,7 +5,10 @@
 One run, the same JPEG files and the same cores for every row. The files are an ImageNet-like
 generated set (cached under bench-out/jpegs-<n>/ or --data): sizes drawn around 500 x 375 (longer
 side 400-640 px, aspect 0.6-0.9, either orientation), natural-image statistics (1/f amplitude
-spectrum colour noise with a few smooth objects), JPEG quality 90 (~100 KB each).
+spectrum colour noise with a few smooth objects), JPEG quality 90 (~100 KB each). FFCV rows read .beton
+files written once from those files (jpg: re-encoded at quality 90; raw: pixels), cached beside them;
+ffcv-jpg-twice decodes each JPEG once per view (two pipelines over the image field, the FFCV-SSL way)
+and produces the same views as ffcv-jpg.
 
 A row is a training loader as train.py builds it: two MoCo v2 views of size x size (RandomResizedCrop
 0.2-1, jitter p 0.8, grayscale p 0.2, blur p 0.5, flip), then the device stage (normalise to float32
@@ -106,6 +109,13 @@ def build(backend: str, root: Path, size: int, batch: int, cores: int, mask: boo
     index = index_split(root, "train")
     aug = AugParams(size)
     stage = MixStage((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), torch.float32, True, mask, grid=8)
+    if backend.startswith("ffcv"):  # ffcv-jpg, ffcv-raw, ffcv-jpg-twice (one decode per view, the FFCV-SSL way)
+        from loaders.ffcv_backend import FfcvTrainLoader, ensure_beton
+
+        mode = backend.split("-")[1]
+        beton = ensure_beton(root, "train", root / f"ffcv-{mode}", write_mode=mode, workers=cores, progress=False)
+        return FfcvTrainLoader(beton, aug, stage, batch, workers=cores, device=device,
+                               decode_once=not backend.endswith("twice"))
     if backend == "dali":
         from loaders.dali_backend import DaliTrainLoader
 
@@ -122,7 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--backends", default="torchvision,dali")
+    ap.add_argument("--backends", default="torchvision,dali,ffcv-jpg,ffcv-jpg-twice,ffcv-raw",
+                    help="first = the baseline of the ratios; ffcv-<raw|jpg>[-twice]: .beton mode, twice = decode per view")
     ap.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--device", default="cpu", help="training device of the batches (cuda: DALI decodes with "
                     "the mixed nvJPEG decoder and the mix runs as our CUDA kernel)")

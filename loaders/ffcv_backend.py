@@ -159,8 +159,11 @@ def ensure_beton(root: Path, split: str, out_dir: Path, **kw) -> Path:
 # ---------------------------------------------------------------------------------------------
 # The two-view decoder
 
-def two_view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray):
-    """An FFCV Operation (built lazily: ffcv is optional) that decodes once and emits (2, S, S, 3)."""
+def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, views: tuple[int, ...] = (0, 1)):
+    """An FFCV decoder Operation (built lazily: ffcv is optional): decodes each image once and emits
+    the given views, (len(views), S, S, 3). views=(0, 1) is the decode-once two-view decoder; two
+    pipelines with views (0,) and (1,) over the same field decode twice (the FFCV-SSL way)."""
+    views_arr = np.asarray(views, np.int64)
     from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
     from ffcv.libffcv import imdecode, memcpy, resize_crop
     from ffcv.pipeline.allocation_query import AllocationQuery
@@ -175,7 +178,7 @@ def two_view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray):
             widths, heights = self.metadata["width"], self.metadata["height"]
             self.max_w, self.max_h = np.uint64(widths.max()), np.uint64(heights.max())
             S = aug.size
-            out_shape = (2, S, S, 3)
+            out_shape = (len(views_arr), S, S, 3)
             u8 = np.dtype("<u1")
             return (replace(previous_state, jit_mode=True, shape=out_shape, dtype=u8),
                     (AllocationQuery(out_shape, u8),                                       # the views
@@ -214,10 +217,11 @@ def two_view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray):
                         img = img.reshape(H, W, 3)
                     else:
                         img = data.reshape(H, W, 3)
-                    for v in range(2):
+                    for slot in range(views_arr.shape[0]):
                         y0, x0, h, w, fl, jon, jt, gr, bon, sg, sol = draw_one(
-                            seed_u, epoch, v, np.int64(i), np.int64(W), np.int64(H), scale, ratio, probs, jit_s, sig_r)
-                        out = dest[k, v]
+                            seed_u, epoch, views_arr[slot], np.int64(i), np.int64(W), np.int64(H), scale, ratio,
+                            probs, jit_s, sig_r)
+                        out = dest[k, slot]
                         resize_crop_c(img, y0, y0 + h, x0, x0 + w, out)
                         if jon or gr:
                             if jon:
@@ -253,6 +257,9 @@ def two_view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray):
     return TwoViewDecoder()
 
 
+two_view_decoder = view_decoder
+
+
 def _shard_order(n_batches_skip: int, rank: int, world: int, batch: int, seed: int):
     """A TraversalOrder over this rank's shard of the per-epoch permutation (loaders/sharding.py).
     ffcv 1.0.2 calls a TraversalOrder *instance* with the loader, so the instance returns itself."""
@@ -279,7 +286,7 @@ class FfcvTrainLoader:
 
     def __init__(self, beton: str | Path, aug: AugParams, stage: MixStage, batch_size: int, rank: int = 0,
                  world: int = 1, workers: int = 2, seed: int = 0, device: str | torch.device = "cpu",
-                 os_cache: bool = True, order: str = "random", batches_ahead: int = 3):
+                 os_cache: bool = True, order: str = "random", batches_ahead: int = 3, decode_once: bool = True):
         require_ffcv()
         from ffcv.reader import Reader
 
@@ -290,6 +297,7 @@ class FfcvTrainLoader:
         self.beton, self.aug, self.stage, self.batch_size = str(beton), aug, stage, batch_size
         self.rank, self.world, self.workers, self.seed = rank, world, workers, seed
         self.device, self.os_cache, self.order, self.batches_ahead = torch.device(device), os_cache, order, batches_ahead
+        self.decode_once = decode_once  # False: one decode per view, the FFCV-SSL way (for comparison)
         self.n = Reader(self.beton).num_samples
         self.epoch_cell = np.zeros(1, np.int64)  # read by the compiled decoder (kernels.views.read_cell)
         self.epoch, self.start_batch = 0, 0
@@ -310,8 +318,14 @@ class FfcvTrainLoader:
 
         order = (OrderOption.QUASI_RANDOM if self.order == "quasi_random"
                  else _shard_order(skip, self.rank, self.world, self.batch_size, self.seed))
-        pipelines = {"image": [two_view_decoder(self.aug, self.seed, self.epoch_cell)],
-                     "label": [IntDecoder()], "index": [IntDecoder()]}
+        from ffcv.pipeline.pipeline_spec import PipelineSpec
+
+        if self.decode_once:
+            pipelines = {"image": [view_decoder(self.aug, self.seed, self.epoch_cell)]}
+        else:  # two pipelines over the same field: FFCV decodes the JPEG once per pipeline
+            pipelines = {"image": [view_decoder(self.aug, self.seed, self.epoch_cell, (0,))],
+                         "image2": PipelineSpec("image", decoder=view_decoder(self.aug, self.seed, self.epoch_cell, (1,)))}
+        pipelines.update(label=[IntDecoder()], index=[IntDecoder()])
         t0 = time.perf_counter()
         loader = Loader(self.beton, batch_size=self.batch_size, num_workers=max(1, self.workers),
                         os_cache=self.os_cache, order=order, seed=self.seed, pipelines=pipelines,
@@ -342,15 +356,19 @@ class FfcvTrainLoader:
                     continue
                 if item is None:
                     break
-                slot, (views, labels, idx) = item
+                slot, out = item
+                out = dict(zip(self._loader.pipeline_specs, out))  # outputs by pipeline name
+                labels, idx = out["label"], out["index"]
                 if it.loader is not None and torch.cuda.is_available():
                     it.current_stream.wait_stream(it.cuda_streams[slot])
                 if fresh:
                     log.info("ffcv: first batch after %.1f s (pipeline compilation included)", time.perf_counter() - t0)
                     fresh = False
                 # (N, 2, S, S, 3) in FFCV's reused buffer -> owned (N, S, S, 3) copies on the device
-                x1 = torch.from_numpy(views[:, 0]).to(self.device, copy=True).contiguous()
-                x2 = torch.from_numpy(views[:, 1]).to(self.device, copy=True).contiguous()
+                views = out["image"]  # (N, 2, S, S, 3), or (N, 1, S, S, 3) and image2 when decoding twice
+                a, b = (views[:, 0], views[:, 1]) if self.decode_once else (views[:, 0], out["image2"][:, 0])
+                x1 = torch.from_numpy(a).to(self.device, copy=True).contiguous()
+                x2 = torch.from_numpy(b).to(self.device, copy=True).contiguous()
                 lab = torch.from_numpy(labels.reshape(-1).astype(np.int64)).to(self.device)
                 yield self.stage(x1, x2, lab, torch.from_numpy(idx.reshape(-1).astype(np.int64)), epoch, step)
                 step += 1
