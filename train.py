@@ -164,7 +164,7 @@ def train_loader(cfg: Config, accelerator, index, aug: AugParams):
                                  **beton_writer_args(cfg, cfg.run.progress and accelerator.is_main_process))
         return FfcvTrainLoader(beton, aug, stage, cfg.data.batch_size, accelerator.process_index,
                                accelerator.num_processes, cfg.data.workers, cfg.run.seed, accelerator.device,
-                               cfg.data.ffcv_os_cache, cfg.data.ffcv_order)
+                               cfg.data.ffcv_os_cache, cfg.data.ffcv_order, batches_ahead=cfg.data.prefetch)
     args = (index, aug, stage, cfg.data.batch_size, accelerator.process_index, accelerator.num_processes,
             cfg.data.workers, cfg.data.prefetch, cfg.run.seed, accelerator.device)
     if cfg.data.backend == "dali":

@@ -30,7 +30,7 @@ class DataConfig:
     eval_resize: int = 0  # eval: resize shorter side to this before the centre crop; 0 = image_size * 8/7
     batch_size: int = 128  # per process; global batch = batch_size * processes * grad_accum
     workers: int = 2  # per training process: DataLoader worker processes (torchvision), DALI threads (dali)
-    prefetch: int = 4  # batches each worker keeps ready
+    prefetch: int = 4  # batches kept ready: per DataLoader worker (torchvision), DALI queue depth, FFCV batches_ahead
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (MoCo v2)
     crop_ratio: tuple[float, float] = (0.75, 1.3333333)  # RandomResizedCrop aspect range
     flip_p: float = 0.5  # horizontal flip probability
