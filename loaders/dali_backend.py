@@ -4,8 +4,9 @@
 
 Per batch of this rank's shard (loaders/sharding.py: the same order as every backend):
 - The feeder (Python, in the pipeline's external_source) reads each file's bytes and its size from
-  the image header, and draws both views' parameters in numpy keyed by (seed, epoch, index, view)
-  (loaders/view_params.py), so views are reproducible for any thread count and resume exactly.
+  the image header, and draws both views' parameters from the Philox stream keyed by
+  (seed, epoch, index, view) (loaders/view_params.py over kernels/views.py, ~1 us a sample), so
+  views are reproducible for any thread count and resume exactly.
 - The pipeline decodes each image once (CPU decoder with device_id=None; on a GPU the "mixed"
   nvJPEG decoder with a configurable hardware-decoder share), then per view: resize of the crop
   window to size x size (antialiased), colour jitter + grayscale as one affine colour map
