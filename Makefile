@@ -12,7 +12,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 NPROC  ?= 1
 
-.PHONY: setup apt train test bench-kernels bench-loaders clean
+.PHONY: setup apt train test bench bench-kernels bench-loaders clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,12 @@ test: setup
 
 bench-kernels: setup
 	$(PY) -m benchmarks.kernels --json bench-out/kernels.json
+
+# Every throughput figure: loaders, kernel, training step -> bench-out/bench.json + bench.png.
+# QUICK=1: tiny sizes (the CI smoke variant).
+QUICK ?=
+bench: setup
+	$(PY) -m benchmarks --out bench-out $(if $(QUICK),--quick,)
 
 bench-loaders: setup
 	$(PY) -m benchmarks.loaders --json bench-out/loaders.json

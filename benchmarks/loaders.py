@@ -154,6 +154,8 @@ def main(argv=None) -> int:
             loader = build(backend, root, a.size, a.batch, a.cores, mask, a.device, a.hw_decoder_load)
             time_pass(loader, 0)  # warm-up epoch: worker spawn, compilation, caches
             runs = [time_pass(loader, epoch)[0] for epoch in range(1, a.repeats + 1)]
+            if hasattr(loader, "close"):
+                loader.close()
             del loader
             rows.append({"backend": backend, "mixmask": mask, "images_per_sec": statistics.median(runs),
                          "runs": runs, "per_core": statistics.median(runs) / a.cores})

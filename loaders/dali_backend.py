@@ -336,6 +336,10 @@ class DaliTrainLoader:
     def bad_files(self) -> set[str]:
         return {f"{p} ({why})" for p, why in self._bad.items()}
 
+    def close(self) -> None:
+        """Free the pipeline (its threads and buffers) now rather than at interpreter exit."""
+        self.pipe = None
+
     def __len__(self) -> int:
         return batches_per_epoch(self.n, self.world, self.batch_size)
 

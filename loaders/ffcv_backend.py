@@ -312,6 +312,9 @@ class FfcvTrainLoader:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
+    def close(self) -> None:
+        self._loader = None
+
     def _make(self, skip: int):
         from ffcv.fields.decoders import IntDecoder
         from ffcv.loader import Loader, OrderOption
