@@ -6,7 +6,7 @@
 #   3. the kernel benchmark, CPU (all cores) + CUDA rows -> $OUT/kernels.json, kernels.txt
 #   4. the demo recipe trained on the GPU in bf16 (CUDA route of MixStage end to end)
 #                                                    -> $OUT/demo_gpu_summary.json, demo_gpu.txt
-# Usage there: bash benchmarks/gpu_session.sh [steps...]   (default: env tests kernels demo; dali: see below)
+# Usage there: bash benchmarks/gpu_session.sh [steps...]   (default: env tests kernels demo; dali, bench: see below)
 # Runs with the machine's python3 (torch 2.11 cu130, numba-cuda). Its numpy 2.5 lacks np.row_stack,
 # which its numba-cuda still registers at import, so every CUDA kernel compile fails (seen
 # 2026-11-22): carry a numpy <= 2.4 wheel in .whl/ (see the device README) and it is put first on
@@ -59,6 +59,10 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '-', 'numba.cuda'
         --backends dali --hw-decoder-load 0 2>&1 | tail -4
       $PY -m benchmarks.loaders --json "$OUT/loaders_gpu_hw1.json" --device cuda --images 1024 --cores "$n" \
         --backends dali --hw-decoder-load 1 2>&1 | tail -4 ;;
+    bench)  # the benchmark's GPU mode: ResNet-50 at 224, bf16, channels_last, batches on the GPU
+      $PY -m benchmarks --device cuda --images "${BENCH_IMAGES:-768}" --repeats 2 --arch resnet50 \
+        --train-size 224 --train-batch 128 --steps 6 --precision bf16 --cores "$(nproc)" --out "$OUT/bench" 2>&1 \
+        | grep -v -i "warn" | tail -45 ;;
     *) echo "unknown step $step" ;;
   esac
 done
