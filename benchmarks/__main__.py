@@ -51,11 +51,12 @@ def machine() -> dict:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    for mod, key in (("nvidia.dali", "dali"), ("ffcv", "ffcv")):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist, key in (("nvidia-dali-cuda130", "dali"), ("ffcv", "ffcv")):  # ffcv's __version__ is stale
         try:
-            m = importlib.import_module(mod)
-            info[key] = getattr(m, "__version__", "?")
-        except ImportError:
+            info[key] = version(dist)
+        except PackageNotFoundError:
             info[key] = None
     return info
 
