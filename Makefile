@@ -12,7 +12,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 NPROC  ?= 1
 
-.PHONY: setup apt train test bench bench-kernels bench-loaders clean
+.PHONY: setup apt train test bench bench-readme bench-kernels bench-loaders clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,11 @@ bench-kernels: setup
 QUICK ?=
 bench: setup
 	$(PY) -m benchmarks --out bench-out $(if $(QUICK),--quick,)
+
+# README's benchmark section from the last `make bench` (copies the chart to docs/).
+bench-readme: setup
+	cp bench-out/bench.png docs/bench.png
+	$(PY) -m benchmarks.report bench-out/bench.json --readme README.md --chart docs/bench.png
 
 bench-loaders: setup
 	$(PY) -m benchmarks.loaders --json bench-out/loaders.json
