@@ -27,6 +27,8 @@ import platform
 import sys
 from pathlib import Path
 
+from benchmarks import cpu_model, package_version
+
 
 def installed_backends() -> list[str]:
     names = ["torchvision"]
@@ -42,22 +44,11 @@ def machine() -> dict:
     import numpy
     import torch
 
-    info = {"cpu": platform.processor(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+    info = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
             "torch": torch.__version__, "numba": numba.__version__, "numpy": numpy.__version__,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "loadavg": os.getloadavg()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist, key in (("nvidia-dali-cuda130", "dali"), ("ffcv", "ffcv")):  # ffcv's __version__ is stale
-        try:
-            info[key] = version(dist)
-        except PackageNotFoundError:
-            info[key] = None
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "loadavg": os.getloadavg(),
+            "dali": package_version("nvidia-dali-cuda130"), "ffcv": package_version("ffcv")}
     return info
 
 

@@ -58,17 +58,10 @@ NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16
 
 def _device_info() -> dict:
     import numba
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+
+    from benchmarks import cpu_model
     info = {
-        "cpu": model,
+        "cpu": cpu_model(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "numba_threads": numba.get_num_threads(),
         "python": platform.python_version(),

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import cpu_model, package_version
+
 
 def natural_image(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     """(h, w, 3) uint8 with a 1/f amplitude spectrum per channel (correlated) plus smooth blobs."""
@@ -162,25 +164,17 @@ def main(argv=None) -> int:
     for r in rows:
         base = next(x for x in rows if x["backend"] == backends[0] and x["mixmask"] == r["mixmask"])
         r["vs_baseline"] = r["images_per_sec"] / base["images_per_sec"]
-    device = {"cpu": platform.processor(), "cores": a.cores, "device": a.device,
+    device = {"cpu": cpu_model(), "cores": a.cores, "device": a.device,
               "gpu": torch.cuda.get_device_name() if a.device == "cuda" else None,
               "hw_decoder_load": a.hw_decoder_load if a.device == "cuda" else None, "python": platform.python_version(),
               "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "loadavg": os.getloadavg()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            device["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        import nvidia.dali as dali
-        device["dali"] = dali.__version__
-    except ImportError:
-        pass
+              "loadavg": os.getloadavg(), "dali": package_version("nvidia-dali-cuda130"),
+              "ffcv": package_version("ffcv")}
     print(f"two-view loaders, {facts['files']} JPEGs ~{facts['mean_wh'][0]:.0f}x{facts['mean_wh'][1]:.0f} "
           f"{facts['mean_kb']:.0f} KB, views {a.size}px, batch {a.batch}, {a.cores} cores, device {a.device}, "
           f"median of {a.repeats} passes")
-    print(f"device: {device['cpu']}, torch {device['torch']}, dali {device.get('dali', '-')}, {device['date']}")
+    print(f"device: {device['cpu']}, torch {device['torch']}, dali {device['dali'] or '-'}, "
+          f"ffcv {device['ffcv'] or '-'}, {device['date']}")
     print(f"{'backend':12} {'mixmask':7} {'img/s':>8} {'per core':>8} {'vs ' + backends[0]:>15}")
     for r in rows:
         print(f"{r['backend']:12} {'on' if r['mixmask'] else 'off':7} {r['images_per_sec']:8.1f} "

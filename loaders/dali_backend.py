@@ -48,13 +48,11 @@ log = logging.getLogger(__name__)
 
 def require_dali():
     try:
-        import nvidia.dali  # noqa: F401
+        import nvidia.dali as dali
     except ImportError as e:
         raise DataError(
             "data.backend=dali needs NVIDIA DALI: pip install '.[dali]' (nvidia-dali-cuda130)"
         ) from e
-    import nvidia.dali as dali
-
     return dali
 
 
@@ -195,16 +193,15 @@ def find_undecodable(paths: Sequence[str], threads: int = 2, batch: int = 64,
             bad.append((p, f"{type(e).__name__}: {e}"))
 
     queue: list[list[tuple[str, np.ndarray]]] = [readable[i:i + batch] for i in range(0, len(readable), batch)]
-    pipes: dict[int, object] = {}
+    pipes: dict[int, object] = {}  # batch size -> probe pipeline
+
+    @pipeline_def
+    def probe():
+        data = fn.external_source(name="data", batch=True)
+        return fn.decoders.image(data, device="cpu", output_type=types.RGB, adjust_orientation=False)
 
     def run(items) -> str | None:
         n = len(items)
-
-        @pipeline_def
-        def probe():
-            data = fn.external_source(name="data", batch=True)
-            return fn.decoders.image(data, device="cpu", output_type=types.RGB, adjust_orientation=False)
-
         pipe = pipes.get(n)
         if pipe is None:
             pipe = pipes[n] = probe(batch_size=n, num_threads=threads, device_id=None, prefetch_queue_depth=1,
@@ -375,12 +372,10 @@ class DaliTrainLoader:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         t = tl.as_tensor()
-        out = torch.empty(tuple(t.shape()), dtype=torch.uint8, device=self.device if self.device.type == "cuda" else "cpu")
-        if self.device.type == "cuda":
-            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self.device))
-        else:
-            feed_ndarray(t, out)
-        return out if self.device.type == "cuda" else out.to(self.device)
+        out = torch.empty(tuple(t.shape()), dtype=torch.uint8, device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        feed_ndarray(t, out, cuda_stream=stream)
+        return out
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, step = self.epoch, self.start_batch

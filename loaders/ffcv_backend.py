@@ -39,7 +39,7 @@ import torch
 from loaders.device_stage import MixStage
 from loaders.folder import DataError, index_split
 from loaders.sharding import batches_per_epoch, shard_indices
-from loaders.torchvision_backend import AugParams
+from loaders.torchvision_backend import AugParams, decode_image, unreadable_reason
 from mixmask.batch import Batch
 
 log = logging.getLogger(__name__)
@@ -70,22 +70,11 @@ class _FolderImages:
     def __getitem__(self, i):
         from PIL import Image
 
-        with Image.open(self.paths[i]) as im:
-            img = im.convert("RGB")
+        img = decode_image(self.paths[i])
         if self.max_res and max(img.size) > self.max_res:  # the writer would resize too; fewer bytes to pickle
             s = self.max_res / max(img.size)
             img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BILINEAR)
         return np.asarray(img), self.labels[i], self.positions[i]
-
-
-def _check_image(path: str) -> str | None:
-    from loaders.torchvision_backend import _DECODE_ERRORS, _decode
-
-    try:
-        _decode(path)
-        return None
-    except _DECODE_ERRORS as e:
-        return f"{type(e).__name__}: {e}"
 
 
 def write_beton(root: str | Path, split: str, out: str | Path, write_mode: str = "jpg",
@@ -107,7 +96,7 @@ def write_beton(root: str | Path, split: str, out: str | Path, write_mode: str =
     index = index_split(root, split)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max(1, workers)) as pool:  # PIL decodes release the GIL
-        checks = list(tqdm(pool.map(_check_image, index.paths), total=len(index), desc=f"check {split}",
+        checks = list(tqdm(pool.map(unreadable_reason, index.paths), total=len(index), desc=f"check {split}",
                            unit="img", disable=not progress))
     bad = [(p, why) for p, why in zip(index.paths, checks) if why is not None]
     for p, why in bad:
@@ -175,17 +164,17 @@ def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, views: tuple
     class TwoViewDecoder(SimpleRGBImageDecoder):  # FFCV takes a field's decoder by its class
 
         def declare_state_and_memory(self, previous_state):
-            widths, heights = self.metadata["width"], self.metadata["height"]
-            self.max_w, self.max_h = np.uint64(widths.max()), np.uint64(heights.max())
+            max_w, max_h = np.uint64(self.metadata["width"].max()), np.uint64(self.metadata["height"].max())
             S = aug.size
             out_shape = (len(views_arr), S, S, 3)
             u8 = np.dtype("<u1")
             return (replace(previous_state, jit_mode=True, shape=out_shape, dtype=u8),
                     (AllocationQuery(out_shape, u8),                                       # the views
-                     AllocationQuery((self.max_h * self.max_w * np.uint64(3),), u8),        # decoded image
+                     AllocationQuery((max_h * max_w * np.uint64(3),), u8),                  # decoded image
                      AllocationQuery((S, S, 3), u8),                                        # scratch view
                      AllocationQuery((3, 3), np.dtype("<f4")),                              # colour map
-                     AllocationQuery((2,), np.dtype("<f4"))))
+                     AllocationQuery((2,), np.dtype("<f4")),                                # its (c b, (1-c) b)
+                     AllocationQuery((1,), np.dtype("<f4"))))                               # blur sigma
 
         def generate_code(self):
             jpg = IMAGE_MODES["jpg"]
@@ -204,7 +193,7 @@ def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, views: tuple
             cell = epoch_cell.ctypes.data  # the loader writes the epoch there before each pass
 
             def decode(batch_indices, my_storage, metadata, storage_state):
-                dest, temp, scratch, cmat, cbuf = my_storage
+                dest, temp, scratch, cmat, cbuf, sgm = my_storage
                 epoch = read_cell(cell)
                 for k in my_range(len(batch_indices)):
                     i = batch_indices[k]
@@ -231,9 +220,8 @@ def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, views: tuple
                             colour_c(scratch[k], out, cmat[k], cbuf[k])
                             memcpy_c(scratch[k], out)
                         if bon:
-                            sgm = np.empty(1, np.float32)
-                            sgm[0] = sg
-                            blur_c(scratch[k], out, sgm)
+                            sgm[k, 0] = sg
+                            blur_c(scratch[k], out, sgm[k])
                             memcpy_c(scratch[k], out)
                         if sol:
                             for y in range(out.shape[0]):
@@ -256,8 +244,6 @@ def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, views: tuple
 
     return TwoViewDecoder()
 
-
-two_view_decoder = view_decoder
 
 
 def _shard_order(n_batches_skip: int, rank: int, world: int, batch: int, seed: int):
@@ -303,7 +289,6 @@ class FfcvTrainLoader:
         self.epoch, self.start_batch = 0, 0
         self.bad_files: set[str] = set()  # bad files were dropped when the .beton was written
         self._loader, self._skip = None, -1
-        self.compile_seconds = 0.0
         _install_thread_hook()
 
     def __len__(self) -> int:
@@ -318,23 +303,19 @@ class FfcvTrainLoader:
     def _make(self, skip: int):
         from ffcv.fields.decoders import IntDecoder
         from ffcv.loader import Loader, OrderOption
+        from ffcv.pipeline.pipeline_spec import PipelineSpec
 
         order = (OrderOption.QUASI_RANDOM if self.order == "quasi_random"
                  else _shard_order(skip, self.rank, self.world, self.batch_size, self.seed))
-        from ffcv.pipeline.pipeline_spec import PipelineSpec
-
         if self.decode_once:
             pipelines = {"image": [view_decoder(self.aug, self.seed, self.epoch_cell)]}
         else:  # two pipelines over the same field: FFCV decodes the JPEG once per pipeline
             pipelines = {"image": [view_decoder(self.aug, self.seed, self.epoch_cell, (0,))],
                          "image2": PipelineSpec("image", decoder=view_decoder(self.aug, self.seed, self.epoch_cell, (1,)))}
         pipelines.update(label=[IntDecoder()], index=[IntDecoder()])
-        t0 = time.perf_counter()
-        loader = Loader(self.beton, batch_size=self.batch_size, num_workers=max(1, self.workers),
-                        os_cache=self.os_cache, order=order, seed=self.seed, pipelines=pipelines,
-                        drop_last=True, batches_ahead=self.batches_ahead)
-        self.compile_seconds += time.perf_counter() - t0
-        return loader
+        return Loader(self.beton, batch_size=self.batch_size, num_workers=max(1, self.workers),
+                      os_cache=self.os_cache, order=order, seed=self.seed, pipelines=pipelines,
+                      drop_last=True, batches_ahead=self.batches_ahead)
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, step = self.epoch, self.start_batch

@@ -95,17 +95,26 @@ def _decode(path: str) -> Image.Image:
             return im.convert("RGB")  # grayscale, CMYK, palette and RGBA all become RGB
 
 
+def decode_image(path: str) -> Image.Image:
+    """The RGB image at `path` as this backend (and the FFCV writer) decodes it."""
+    return _decode(path)
+
+
+def unreadable_reason(path: str) -> str | None:
+    """Why PIL cannot decode `path` (what this backend would skip), or None when it can."""
+    try:
+        _decode(path)
+        return None
+    except _DECODE_ERRORS as e:
+        return f"{type(e).__name__}: {e}"
+
+
 def find_unreadable(paths, progress: bool = False) -> list[tuple[str, str]]:
-    """The files PIL cannot decode (what this backend would skip), with the reason.  -> [(path, reason)]"""
+    """The files PIL cannot decode, with the reason.  -> [(path, reason)]"""
     from tqdm import tqdm
 
-    bad = []
-    for p in tqdm(paths, desc="check", unit="img", disable=not progress):
-        try:
-            _decode(p)
-        except _DECODE_ERRORS as e:
-            bad.append((p, f"{type(e).__name__}: {e}"))
-    return bad
+    reasons = ((p, unreadable_reason(p)) for p in tqdm(paths, desc="check", unit="img", disable=not progress))
+    return [(p, why) for p, why in reasons if why is not None]
 
 
 class _ImageDataset(Dataset):
