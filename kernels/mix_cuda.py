@@ -145,6 +145,17 @@ def _pack(lo, hi, bits, t, wide):
     return lo, hi
 
 
+@cuda.jit(device=True, inline=True)
+def _row(r, H, R, gh, gw, per_sample, do_mix, perm):
+    # row r = (sample j, line y) of the vectorised kernels: its mask cells' flat offset in masks and
+    # the flat word offset of the partner's same row (R words a row)
+    j = r // H
+    y = r - j * H
+    mrow = ((j if per_sample else 0) * gh + (y * gh) // H) * gw
+    prow = ((perm[j] if do_mix else j) * H + y) * R
+    return j, y, mrow, prow
+
+
 @cuda.jit
 def _nhwc_vec(v1w, v2w, masks, perm, colcell, lut, out1, out2, outm, N, H, gh, gw, per_sample,
               do_mix, wide):
@@ -157,10 +168,7 @@ def _nhwc_vec(v1w, v2w, masks, perm, colcell, lut, out1, out2, outm, N, H, gh, g
     W = colcell.shape[0]
     R = 3 * W // 4
     for r in range(cuda.blockIdx.x, N * H, cuda.gridDim.x):
-        j = r // H
-        y = r - j * H
-        mrow = ((j if per_sample else 0) * gh + (y * gh) // H) * gw   # this row's mask cells
-        prow = ((perm[j] if do_mix else j) * H + y) * R               # the partner's row
+        j, y, mrow, prow = _row(r, H, R, gh, gw, per_sample, do_mix, perm)
         for k in range(cuda.threadIdx.x, R, cuda.blockDim.x):
             w = r * R + k
             a = v1w[w]
@@ -220,10 +228,7 @@ def _nchw_vec(v1w, v2w, masks, perm, colcell, lut, out1, out2, outm, N, H, gh, g
     R = 3 * W // 4
     Q = W // 2 if wide else W // 4
     for r in range(cuda.blockIdx.x, N * H, cuda.gridDim.x):
-        j = r // H
-        y = r - j * H
-        mrow = ((j if per_sample else 0) * gh + (y * gh) // H) * gw
-        prow = ((perm[j] if do_mix else j) * H + y) * R
+        j, y, mrow, prow = _row(r, H, R, gh, gw, per_sample, do_mix, perm)
         for k in range(cuda.threadIdx.x, W // 4, cuda.blockDim.x):
             w = r * R + 3 * k
             a0 = v1w[w]
