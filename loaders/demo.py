@@ -23,23 +23,15 @@ textured backgrounds, distractors) kept a random ResNet-18 at 12-14% but also Mo
 from __future__ import annotations
 
 import colorsys
-import contextlib
 import io
-import json
 import logging
 import os
-import secrets
-import shutil
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-try:  # POSIX only; elsewhere concurrent callers rely on the benign rename race below.
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
+from loaders.generated import MARKER, ensure_generated, is_complete
 
 try:
     from tqdm import tqdm
@@ -55,7 +47,6 @@ CLASSES: tuple[str, ...] = (
     "arrow", "circle", "crescent", "cross", "heart", "lshape", "ring", "square", "star", "triangle",
 )
 SPLITS: tuple[str, ...] = ("train", "val")
-MARKER = ".complete"
 JPEG_QUALITY = 90
 SUPERSAMPLE = 4  # the object mask is drawn at 4x and downsampled (anti-aliasing)
 
@@ -176,27 +167,6 @@ def _params(n_train_per_class: int, n_val_per_class: int, size: int, seed: int) 
             "n_val_per_class": n_val_per_class, "size": size, "seed": seed, "quality": JPEG_QUALITY}
 
 
-def _is_complete(root: Path, params: dict) -> bool:
-    try:
-        return json.loads((root / MARKER).read_text()) == params
-    except (OSError, ValueError):
-        return False
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock (flock) held for the duration of the block."""
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    with open(lock_path, "a") as f:  # never deleted: deleting a lock file races other holders
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def _generate(out: Path, params: dict) -> None:
     counts = {"train": params["n_train_per_class"], "val": params["n_val_per_class"]}
     total = len(CLASSES) * sum(counts.values())
@@ -205,7 +175,7 @@ def _generate(out: Path, params: dict) -> None:
         for split in SPLITS:
             for c, name in enumerate(CLASSES):
                 folder = out / split / name
-                folder.mkdir(parents=True)
+                folder.mkdir(parents=True, exist_ok=True)
                 for i in range(counts[split]):
                     pixels = render(c, _image_rng(params["seed"], split, c, i), params["size"])
                     (folder / f"{i:05d}.jpg").write_bytes(encode_jpeg(pixels))
@@ -214,41 +184,14 @@ def _generate(out: Path, params: dict) -> None:
     finally:
         if bar is not None:
             bar.close()
-    (out / MARKER).write_text(json.dumps(params))  # last: its presence means complete
 
 
 def ensure_demo_dataset(root: Path | str | None = None, *, n_train_per_class: int = 500,
                         n_val_per_class: int = 100, size: int = 64, seed: int = 0) -> Path:
-    """Return root holding the demo dataset with these parameters, generating it if needed.
-
-    The dataset is written into a temporary sibling folder, completed with the marker file
-    root/.complete (JSON of the parameters) and then renamed into place, all under an flock on
-    root's sibling '<name>.lock', so concurrent callers (ranks) generate once and a crash never
-    leaves a folder that passes for complete. A root whose marker is missing or records other
-    parameters is regenerated.
-    """
+    """Return root holding the demo dataset with these parameters, generating it if needed (once, atomically,
+    under a lock: loaders/generated.py); a root generated with other parameters is regenerated."""
     root = Path(root) if root is not None else default_demo_root()
     params = _params(n_train_per_class, n_val_per_class, size, seed)
-    if _is_complete(root, params):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(root.with_name(root.name + ".lock")):
-        if _is_complete(root, params):  # another process finished while we waited
-            return root
-        if fcntl is not None:  # we hold the lock: leftovers of killed generators are garbage
-            for stale in root.parent.glob(f".{root.name}.tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-        tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    if not is_complete(root, params):
         log.info("generating the mixmask demo dataset (v%d) in %s", DEMO_VERSION, root)
-        try:
-            _generate(tmp, params)
-            if root.exists():  # incomplete or other parameters
-                shutil.rmtree(root)
-            try:
-                os.rename(tmp, root)
-            except OSError:  # without flock: another process won the race; keep theirs if valid
-                if not _is_complete(root, params):
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return ensure_generated(root, params, lambda out: _generate(out, params))
