@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -290,6 +291,7 @@ class FfcvTrainLoader:
         self.bad_files: set[str] = set()  # bad files were dropped when the .beton was written
         self._loader, self._skip = None, -1
         _install_thread_hook()
+        _install_unraisable_filter()
 
     def __len__(self) -> int:
         return batches_per_epoch(self.n, self.world, self.batch_size)
@@ -378,3 +380,24 @@ def _install_thread_hook() -> None:
 
     hook._mixmask = True
     threading.excepthook = hook
+
+
+def _install_unraisable_filter() -> None:
+    """Drop one known-harmless message: numba's dispatcher finalizer raises KeyError at garbage collection
+    for the functions FFCV compiles per pipeline (printed as 'Exception ignored in: <finalize ...>' with a
+    traceback, after the loader is gone). Every other unraisable exception still goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_mixmask", False):
+        return
+
+    def hook(u):
+        tb = u.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if (isinstance(u.exc_value, KeyError) and tb is not None and tb.tb_frame.f_code.co_name == "finalizer"
+                and tb.tb_frame.f_code.co_filename.replace("\\", "/").endswith("numba/core/dispatcher.py")):
+            return
+        previous(u)
+
+    hook._mixmask = True
+    sys.unraisablehook = hook

@@ -198,3 +198,32 @@ def test_pipeline_errors_surface_in_the_main_thread(beton, tmp_path):
         assert "FFCV pipeline failed" in str(e)
     else:  # turbojpeg may decode garbage without complaint; then the batches must still be whole
         assert len(batches) == 5 and all(torch.isfinite(b.x1).all() for b in batches)
+
+
+def test_unraisable_filter_drops_only_numbas_finalizer_keyerror(monkeypatch):
+    """The hook installed with the loader hides numba's finalizer KeyError and passes everything else on."""
+    import sys
+    import types
+
+    from loaders import ffcv_backend
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    ffcv_backend._install_unraisable_filter()
+    ffcv_backend._install_unraisable_filter()  # idempotent: wraps once
+
+    def raised_in(filename: str, exc: BaseException):
+        ns: dict = {}
+        exec(compile("def finalizer(e):\n    raise e\n", filename, "exec"), ns)
+        try:
+            ns["finalizer"](exc)
+        except BaseException as e:  # noqa: BLE001
+            return types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=e.__traceback__,
+                                         err_msg=None, object=None)
+
+    sys.unraisablehook(raised_in("/x/site-packages/numba/core/dispatcher.py", KeyError("sig")))
+    other_file = raised_in("/x/site-packages/ffcv/loader.py", KeyError("sig"))
+    other_type = raised_in("/x/site-packages/numba/core/dispatcher.py", ValueError("v"))
+    sys.unraisablehook(other_file)
+    sys.unraisablehook(other_type)
+    assert seen == [other_file.exc_value, other_type.exc_value]
