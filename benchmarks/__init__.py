@@ -24,3 +24,22 @@ def package_version(dist: str) -> str | None:
         return version(dist)
     except PackageNotFoundError:
         return None
+
+
+def spread(values) -> dict:
+    """{"min", "median", "max"} of repeated measurements: the noise every figure is reported with."""
+    import statistics
+
+    values = list(values)
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def there_and_back(items: list, repeats: int) -> list[tuple]:
+    """[(item, n)]: the order in which benchmark rows are timed, each n repeats: every item forward with
+    ceil(repeats / 2), then backward with the rest. Each row's samples then span the whole run, so slow
+    drift of a shared machine shows in its min-max and cancels, to first order, in its median."""
+    first = (repeats + 1) // 2
+    order = [(it, first) for it in items]
+    if repeats > first:
+        order += [(it, repeats - first) for it in reversed(items)]
+    return order

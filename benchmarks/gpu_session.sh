@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Everything this project checks on a lent GPU machine, in one call of the device tool
-# (the machine is bare and goes back after each session, so one full script beats many calls):
-#   1. environment (nvidia-smi, versions)           -> $OUT/env.txt
-#   2. the gpu-marked tests (CUDA kernels vs numpy)  -> $OUT/pytest_gpu.txt
-#   3. the kernel benchmark, CPU (all cores) + CUDA rows -> $OUT/kernels.json, kernels.txt
-#   4. the demo recipe trained on the GPU in bf16 (CUDA route of MixStage end to end)
-#                                                    -> $OUT/demo_gpu_summary.json, demo_gpu.txt
-# Usage there: bash benchmarks/gpu_session.sh [steps...]   (default: env tests kernels demo; dali, bench: see below)
+# The benchmark's GPU mode: everything this project checks on a lent GPU machine, in one call of the
+# device tool (the machine is bare, without network, and goes back after each session):
+#   env      nvidia-smi, versions                                  -> $OUT/env.txt
+#   tests    the gpu-marked tests (CUDA kernels vs numpy)           -> $OUT/pytest_gpu.txt
+#   dali     the DALI GPU path against its CPU path (tests), DALI loader figures at hw_decoder_load
+#            0.65 / 0 / 1                                          -> $OUT/pytest_dali_gpu.txt, loaders_gpu*.json
+#   bench    python -m benchmarks with ResNet-50 at 224, bf16, channels_last, batches on the GPU
+#                                                                  -> $OUT/bench/bench.json, bench.png
+#   kernels  the kernel benchmark alone, 15 rounds                 -> $OUT/kernels.json, kernels.txt
+#   demo     the demo recipe trained on the GPU in bf16            -> $OUT/demo_gpu_summary.json, demo_gpu.txt
+# Usage there: OUT=DIR bash benchmarks/gpu_session.sh [steps...]   (default: env tests dali bench)
+# The wheels shipped beside it are installed first (see below).
 # Runs with the machine's python3 (torch 2.11 cu130, numba-cuda). Its numpy 2.5 lacks np.row_stack,
 # which its numba-cuda still registers at import, so every CUDA kernel compile fails (seen
 # 2026-11-22): carry a numpy <= 2.4 wheel in .whl/ (see the device README) and it is put first on
@@ -28,7 +32,7 @@ OUT=${OUT:-bench-out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 PY=${PY:-python3}
-steps=${*:-env tests kernels demo}
+steps=${*:-env tests dali bench}
 for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case $step in
@@ -60,9 +64,10 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '-', 'numba.cuda'
       $PY -m benchmarks.loaders --json "$OUT/loaders_gpu_hw1.json" --device cuda --images 1024 --cores "$n" \
         --backends dali --hw-decoder-load 1 2>&1 | tail -4 ;;
     bench)  # the benchmark's GPU mode: ResNet-50 at 224, bf16, channels_last, batches on the GPU
-      $PY -m benchmarks --device cuda --images "${BENCH_IMAGES:-768}" --repeats 2 --arch resnet50 \
-        --train-size 224 --train-batch 128 --steps 6 --precision bf16 --cores "$(nproc)" --out "$OUT/bench" 2>&1 \
-        | grep -v -i "warn" | tail -45 ;;
+      # 4096 JPEGs: an epoch of a GPU loader at ~5k img/s must last longer than its start-up
+      $PY -m benchmarks --device cuda --images "${BENCH_IMAGES:-4096}" --repeats 3 --arch resnet50 \
+        --train-size 224 --train-batch 128 --steps 10 --train-repeats 3 --precision bf16 --cores "$(nproc)" \
+        --out "$OUT/bench" 2>&1 | grep -v -i "warn" | tail -60 ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -216,6 +216,7 @@ def _bench_cpu(n, size, dtype_name, repeats, torch_repeats, g, ratio, seed) -> d
         "backend": "cpu", "dtype": dtype_name, "layout": "channels_last", "n": n, "size": size,
         "g": g, "masks_per_batch": 1, "bytes_moved": bytes_moved,
         "fused_ms": 1e3 * fused_s, "fused_ms_all": [1e3 * t for t in t_fused],
+        "fused_ms_min": 1e3 * min(t_fused), "fused_ms_max": 1e3 * max(t_fused),
         "fused_gbps": fused_gbps,
         "copy_gbps": best_copy, "copy_gbps_by_method": copy_gbps,
         "fused_over_copy": fused_gbps / best_copy,
@@ -301,6 +302,7 @@ def bench_cuda(n, size, dtype_name, repeats, g=8, ratio=0.5, seed=0, vectorize=T
     return {"backend": "cuda", "variant": "vector" if vectorize else "scalar", "dtype": dtype_name,
             "layout": "channels_last", "n": n, "size": size, "bytes_moved": bytes_moved,
             "fused_ms": 1e3 * fs, "fused_ms_all": [1e3 * t for t in t_f],
+            "fused_ms_min": 1e3 * min(t_f), "fused_ms_max": 1e3 * max(t_f),
             "fused_gbps": bytes_moved / fs / 1e9, "copy_gbps": bytes_moved / cs / 1e9,
             "fused_over_copy": cs / fs, "torch_ref_ms": torch_ms,
             "host_us_per_call": 1e6 * statistics.median(t_h),
@@ -317,6 +319,82 @@ def _cuda_available() -> bool:
         return cuda.is_available()
     except Exception:
         return False
+
+
+def measure(n, size, dtypes, repeats, torch_repeats, single_thread=False, skip_cpu=False) -> list[dict]:
+    """Every row: CPU (all threads; one thread too with single_thread) unless skip_cpu, and the CUDA
+    kernels (vectorised and per-element) when a GPU is there."""
+    # the kernel/copy rows first, the torch references after them all, so nothing but the row itself
+    # runs between its kernel and copy rounds. Seen on the 2-vCPU VM: a row run later sometimes gets a
+    # faster memory regime for both its copy and its kernel (e.g. copy 91 vs 52 GB/s for the same
+    # bytes): compare the kernel with the copy of its own row, and across several runs.
+    rows = [] if skip_cpu else [bench_cpu(n, size, d, repeats, 0) for d in dtypes]
+    for r in rows:
+        if torch_repeats:
+            r["torch_ref_ms"] = bench_torch_reference(n, size, r["dtype"], torch_repeats)
+            r["speedup_vs_torch"] = r["torch_ref_ms"] / r["fused_ms"]
+    if single_thread and not skip_cpu:
+        rows += [bench_cpu(n, size, d, repeats, 0, threads=1) for d in dtypes]
+    if _cuda_available():
+        rows += [bench_cuda(n, size, d, repeats) for d in dtypes]
+        rows += [bench_cuda(n, size, d, repeats, vectorize=False, torch_ref=False) for d in dtypes]
+    return rows
+
+
+def merge_bursts(bursts: list[list[dict]]) -> list[dict]:
+    """One row per kernel from the same rows timed in several bursts spread over a run (the memory
+    bandwidth of a shared VM drifts over minutes, far more than within one burst): fused_ms is the
+    median of every round, fused_ms_min/max their extremes; copy_gbps the median of the bursts' copies;
+    the torch reference from the burst that timed it."""
+    merged = []
+    for k, row in enumerate(bursts[0]):
+        same = [b[k] for b in bursts]
+        key = (row["backend"], row["dtype"], row.get("threads"), row.get("variant"))
+        assert all((r["backend"], r["dtype"], r.get("threads"), r.get("variant")) == key for r in same), key
+        allms = [t for r in same for t in r["fused_ms_all"]]
+        m = dict(row, fused_ms_all=allms, fused_ms=statistics.median(allms), fused_ms_min=min(allms),
+                 fused_ms_max=max(allms), bursts=len(same))
+        m["fused_gbps"] = m["bytes_moved"] / m["fused_ms"] / 1e6
+        m["copy_gbps"] = statistics.median(r["copy_gbps"] for r in same)
+        m["fused_over_copy"] = m["fused_gbps"] / m["copy_gbps"]
+        if "copy_gbps_by_method" in row:
+            m["copy_gbps_by_method"] = {name: statistics.median(r["copy_gbps_by_method"][name] for r in same)
+                                        for name in row["copy_gbps_by_method"]}
+        ref = next((r["torch_ref_ms"] for r in same if r.get("torch_ref_ms")), None)
+        m["torch_ref_ms"] = ref
+        m["speedup_vs_torch"] = ref / m["fused_ms"] if ref else None
+        m["matches_reference"] = all(r.get("matches_reference", True) for r in same)
+        merged.append(m)
+    return merged
+
+
+def print_rows(rows: list[dict], n: int, size: int, device: dict) -> None:
+    head = f"{'backend':7} {'thr':>6} {'dtype':9} {'fused_ms':>9} {'min-max':>13} {'fused_GB/s':>10} {'copy_GB/s':>9} " \
+           f"{'fused/copy':>10} {'torch_ms':>9} {'speedup':>8} {'ok':>3}"
+    print(f"fused MixMask kernel, N={n} {size}x{size}x3 uint8 -> 3 outputs channels_last")
+    print(f"device: {device['cpu']}, {device['cores']} cores, numba {device['numba']}, "
+          f"numpy {device['numpy']}, torch {device.get('torch')}, {device['date']}, "
+          f"load {device['loadavg_start'][0]:.2f}->{device['loadavg_end'][0]:.2f}")
+    print("bytes_moved = 2*N*H*W*3 (uint8 reads) + 3*N*H*W*3*itemsize (writes); copy = bytes_moved/2 copied")
+    print(head)
+    for r in rows:
+        tm = f"{r['torch_ref_ms']:9.1f}" if r.get("torch_ref_ms") else f"{'-':>9}"
+        sp = f"{r['speedup_vs_torch']:7.1f}x" if r.get("speedup_vs_torch") else f"{'-':>8}"
+        ok = "yes" if r.get("matches_reference", True) else "NO"
+        thr = r.get("threads", r.get("variant", "-"))
+        print(f"{r['backend']:7} {thr:>6} {r['dtype']:9} {r['fused_ms']:9.2f} "
+              f"{r['fused_ms_min']:6.2f}-{r['fused_ms_max']:<6.2f} {r['fused_gbps']:10.2f} "
+              f"{r['copy_gbps']:9.2f} {r['fused_over_copy']:10.2f} {tm} {sp} {ok:>3}")
+    print("fused_GB/s / copy_GB/s per copy method (numpy = np.copyto, numba = prange copy, "
+          "numba_stream = prange copy with streaming stores):")
+    for r in rows:
+        if "copy_gbps_by_method" in r:
+            ratios = ", ".join(f"{k} {r['fused_gbps'] / v:.2f}" for k, v in r["copy_gbps_by_method"].items())
+            print(f"  {r['backend']} {r.get('threads', '-')}t {r['dtype']:9} {ratios}")
+    for r in rows:
+        if "host_us_per_call" in r:
+            print(f"  cuda {r['variant']} {r['dtype']:9} host-side launch {r['host_us_per_call']:.0f} us/call "
+                  f"(Python; overlaps the GPU work of earlier batches)")
 
 
 def main(argv=None) -> int:
@@ -342,48 +420,9 @@ def main(argv=None) -> int:
     if args.skip_cpu and not _cuda_available():
         ap.error("--skip-cpu needs a CUDA GPU (torch.cuda and numba.cuda)")
     device = _device_info()
-    # the kernel/copy rows first, the torch references after them all, so nothing but the row itself
-    # runs between its kernel and copy rounds. Seen on the 2-vCPU VM: a row run later sometimes gets a
-    # faster memory regime for both its copy and its kernel (e.g. copy 91 vs 52 GB/s for the same
-    # bytes): compare the kernel with the copy of its own row, and across several runs.
-    rows = [] if args.skip_cpu else [bench_cpu(args.n, args.size, d, args.repeats, 0) for d in dtypes]
-    for r in rows:
-        if args.torch_repeats:
-            r["torch_ref_ms"] = bench_torch_reference(args.n, args.size, r["dtype"], args.torch_repeats)
-            r["speedup_vs_torch"] = r["torch_ref_ms"] / r["fused_ms"]
-    if args.single_thread and not args.skip_cpu:
-        rows += [bench_cpu(args.n, args.size, d, args.repeats, 0, threads=1) for d in dtypes]
-    if _cuda_available():
-        rows += [bench_cuda(args.n, args.size, d, args.repeats) for d in dtypes]
-        rows += [bench_cuda(args.n, args.size, d, args.repeats, vectorize=False, torch_ref=False)
-                 for d in dtypes]
+    rows = measure(args.n, args.size, dtypes, args.repeats, args.torch_repeats, args.single_thread, args.skip_cpu)
     device["loadavg_end"] = os.getloadavg()
-
-    head = f"{'backend':7} {'thr':>6} {'dtype':9} {'fused_ms':>9} {'fused_GB/s':>10} {'copy_GB/s':>9} " \
-           f"{'fused/copy':>10} {'torch_ms':>9} {'speedup':>8} {'ok':>3}"
-    print(f"fused MixMask kernel, N={args.n} {args.size}x{args.size}x3 uint8 -> 3 outputs channels_last")
-    print(f"device: {device['cpu']}, {device['cores']} cores, numba {device['numba']}, "
-          f"numpy {device['numpy']}, torch {device.get('torch')}, {device['date']}, "
-          f"load {device['loadavg_start'][0]:.2f}->{device['loadavg_end'][0]:.2f}")
-    print("bytes_moved = 2*N*H*W*3 (uint8 reads) + 3*N*H*W*3*itemsize (writes); copy = bytes_moved/2 copied")
-    print(head)
-    for r in rows:
-        tm = f"{r['torch_ref_ms']:9.1f}" if r.get("torch_ref_ms") else f"{'-':>9}"
-        sp = f"{r['speedup_vs_torch']:7.1f}x" if r.get("speedup_vs_torch") else f"{'-':>8}"
-        ok = "yes" if r.get("matches_reference", True) else "NO"
-        thr = r.get("threads", r.get("variant", "-"))
-        print(f"{r['backend']:7} {thr:>6} {r['dtype']:9} {r['fused_ms']:9.2f} {r['fused_gbps']:10.2f} "
-              f"{r['copy_gbps']:9.2f} {r['fused_over_copy']:10.2f} {tm} {sp} {ok:>3}")
-    print("fused_GB/s / copy_GB/s per copy method (numpy = np.copyto, numba = prange copy, "
-          "numba_stream = prange copy with streaming stores):")
-    for r in rows:
-        if "copy_gbps_by_method" in r:
-            ratios = ", ".join(f"{k} {r['fused_gbps'] / v:.2f}" for k, v in r["copy_gbps_by_method"].items())
-            print(f"  {r['backend']} {r.get('threads', '-')}t {r['dtype']:9} {ratios}")
-    for r in rows:
-        if "host_us_per_call" in r:
-            print(f"  cuda {r['variant']} {r['dtype']:9} host-side launch {r['host_us_per_call']:.0f} us/call "
-                  f"(Python; overlaps the GPU work of earlier batches)")
+    print_rows(rows, args.n, args.size, device)
     head_row = rows[0]
     out = {"fused_gbps": head_row["fused_gbps"], "copy_gbps": head_row["copy_gbps"],
            "torch_ref_ms": head_row["torch_ref_ms"], "fused_ms": head_row["fused_ms"],

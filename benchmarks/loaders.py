@@ -3,86 +3,40 @@
     python -m benchmarks.loaders --json PATH [--images 512 --batch 64 --size 224 --repeats 3 --quick]
 
 One run, the same JPEG files and the same cores for every row. The files are an ImageNet-like
-generated set (cached under bench-out/jpegs-<n>/ or --data): sizes drawn around 500 x 375 (longer
-side 400-640 px, aspect 0.6-0.9, either orientation), natural-image statistics (1/f amplitude
-spectrum colour noise with a few smooth objects), JPEG quality 90 (~100 KB each). FFCV rows read .beton
+generated set (benchmarks/imagenet_like.py: ImageNet's sizes, mostly 500 x 375 / 333, ~110 KB files,
+1/f-spectrum natural-image statistics; cached under bench-out/data/ or --data). FFCV rows read .beton
 files written once from those files (jpg: re-encoded at quality 90; raw: pixels), cached beside them;
 ffcv-jpg-twice decodes each JPEG once per view (two pipelines over the image field, the FFCV-SSL way)
 and produces the same views as ffcv-jpg.
 
 A row is a training loader as train.py builds it: two MoCo v2 views of size x size (RandomResizedCrop
 0.2-1, jitter p 0.8, grayscale p 0.2, blur p 0.5, flip), then the device stage (normalise to float32
-channels_last; + MixMask with our Numba kernel, CUDA on a GPU, when on). One untimed warm-up epoch
-(worker spawn, compilation), then --repeats timed epochs, each from asking for the iterator to its last
-batch on the device (start-up and prefetch fill included, as at every epoch boundary of a run).
-images/s: median over the timed epochs; per-core = images/s / cores used.
+channels_last; + MixMask with our Numba kernel, CUDA on a GPU, when on). Rows are timed there and
+back (every row with half its epochs, then in reverse order with the rest; benchmarks.there_and_back),
+each time after building the loader and one untimed warm-up epoch (worker spawn, compilation); a timed
+epoch runs from asking for the iterator to its last batch on the device (start-up and prefetch fill
+included, as at every epoch boundary of a run).
+images/s: median over the timed epochs, with their min and max (the noise); per-core = images/s / cores
+used; vs_baseline: the median's ratio to the first backend's (same MixMask setting).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from benchmarks import cpu_model, package_version
+from benchmarks import cpu_model, imagenet_like, package_version, spread, there_and_back
 
 
-def natural_image(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
-    """(h, w, 3) uint8 with a 1/f amplitude spectrum per channel (correlated) plus smooth blobs."""
-    fy = np.fft.fftfreq(h)[:, None]
-    fx = np.fft.rfftfreq(w)[None, :]
-    amp = 1.0 / np.maximum(np.hypot(fx, fy), 1.0 / max(w, h))
-    base = rng.standard_normal((h, w // 2 + 1)) + 1j * rng.standard_normal((h, w // 2 + 1))
-    chans = []
-    for c in range(3):
-        noise = 0.6 * base + 0.4 * (rng.standard_normal(base.shape) + 1j * rng.standard_normal(base.shape))
-        x = np.fft.irfft2(noise * amp, s=(h, w))
-        chans.append((x - x.mean()) / (x.std() + 1e-8))
-    img = np.stack(chans, -1) * 40 + rng.uniform(80, 170, 3)
-    yy, xx = np.mgrid[0:h, 0:w]
-    for _ in range(rng.integers(2, 6)):  # a few smooth objects
-        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.05, 0.3) * min(h, w)
-        m = np.exp(-(((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)))[..., None]
-        img = img * (1 - m) + m * rng.uniform(0, 255, 3)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def make_dataset(root: Path, n: int, classes: int = 8, seed: int = 0) -> Path:
-    """root/train/<class>/*.jpg (and a small val split, which the loaders' checks expect)."""
-    from PIL import Image
-
-    done = root / ".complete"
-    if done.exists():
-        return root
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", n), ("val", classes)):
-        for i in range(count):
-            long = int(rng.uniform(400, 640))
-            short = int(long * rng.uniform(0.6, 0.9))
-            w, h = (long, short) if rng.uniform() < 0.75 else (short, long)
-            d = root / split / f"c{i % classes:02d}"
-            d.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(natural_image(rng, w, h)).save(d / f"{i:06d}.jpg", quality=90)
-    done.write_text("ok\n")
-    return root
-
-
-def dataset_facts(root: Path) -> dict:
-    from PIL import Image
-
-    files = sorted((root / "train").glob("*/*.jpg"))
-    sizes = [Image.open(f).size for f in files[:200]]
-    return {"files": len(files), "mean_kb": float(np.mean([f.stat().st_size for f in files]) / 1024),
-            "mean_wh": [float(np.mean([s[0] for s in sizes])), float(np.mean([s[1] for s in sizes]))]}
+def default_data(images: int) -> Path:
+    """Where the generated set of `images` JPEGs is cached."""
+    return Path("bench-out") / "data" / f"imagenet-like-{images}"
 
 
 def time_pass(loader, epoch: int) -> tuple[float, int]:
@@ -129,7 +83,8 @@ def build(backend: str, root: Path, size: int, batch: int, cores: int, mask: boo
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", required=True)
-    ap.add_argument("--data", default="", help="JPEG set (default: generated under bench-out/)")
+    ap.add_argument("--data", default="", help="JPEG set in ImageFolder layout (default: the generated "
+                    "ImageNet-like set, cached in bench-out/data/)")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)
@@ -144,23 +99,27 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.quick:
         a.images, a.batch, a.size, a.repeats = 48, 16, 64, 1
-    root = Path(a.data) if a.data else make_dataset(Path("bench-out") / f"jpegs-{a.images}", a.images)
-    facts = dataset_facts(root)
+    root = Path(a.data) if a.data else imagenet_like.ensure(default_data(a.images), a.images, workers=a.cores)
+    facts = imagenet_like.facts(root)
     import torch
 
     torch.set_num_threads(a.cores)
     rows = []
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
-    for mask in (False, True):
-        for backend in backends:
-            loader = build(backend, root, a.size, a.batch, a.cores, mask, a.device, a.hw_decoder_load)
-            time_pass(loader, 0)  # warm-up epoch: worker spawn, compilation, caches
-            runs = [time_pass(loader, epoch)[0] for epoch in range(1, a.repeats + 1)]
-            if hasattr(loader, "close"):
-                loader.close()
-            del loader
-            rows.append({"backend": backend, "mixmask": mask, "images_per_sec": statistics.median(runs),
-                         "runs": runs, "per_core": statistics.median(runs) / a.cores})
+    runs: dict[tuple, list[float]] = {}
+    plan = [(backend, mask) for mask in (False, True) for backend in backends]
+    for (backend, mask), n in there_and_back(plan, a.repeats):
+        loader = build(backend, root, a.size, a.batch, a.cores, mask, a.device, a.hw_decoder_load)
+        time_pass(loader, 0)  # warm-up epoch: worker spawn, compilation, caches
+        done = runs.setdefault((backend, mask), [])
+        done += [time_pass(loader, epoch)[0] for epoch in range(len(done) + 1, len(done) + n + 1)]
+        if hasattr(loader, "close"):
+            loader.close()
+        del loader
+    for backend, mask in plan:
+        s = spread(runs[(backend, mask)])
+        rows.append({"backend": backend, "mixmask": mask, "images_per_sec": s["median"], "min": s["min"],
+                     "max": s["max"], "runs": runs[(backend, mask)], "per_core": s["median"] / a.cores})
     for r in rows:
         base = next(x for x in rows if x["backend"] == backends[0] and x["mixmask"] == r["mixmask"])
         r["vs_baseline"] = r["images_per_sec"] / base["images_per_sec"]
@@ -172,13 +131,13 @@ def main(argv=None) -> int:
               "ffcv": package_version("ffcv")}
     print(f"two-view loaders, {facts['files']} JPEGs ~{facts['mean_wh'][0]:.0f}x{facts['mean_wh'][1]:.0f} "
           f"{facts['mean_kb']:.0f} KB, views {a.size}px, batch {a.batch}, {a.cores} cores, device {a.device}, "
-          f"median of {a.repeats} passes")
+          f"median (min-max) of {a.repeats} epochs")
     print(f"device: {device['cpu']}, torch {device['torch']}, dali {device['dali'] or '-'}, "
           f"ffcv {device['ffcv'] or '-'}, {device['date']}")
-    print(f"{'backend':12} {'mixmask':7} {'img/s':>8} {'per core':>8} {'vs ' + backends[0]:>15}")
+    print(f"{'backend':15} {'mixmask':7} {'img/s':>8} {'min-max':>13} {'per core':>8} {'vs ' + backends[0]:>15}")
     for r in rows:
-        print(f"{r['backend']:12} {'on' if r['mixmask'] else 'off':7} {r['images_per_sec']:8.1f} "
-              f"{r['per_core']:8.1f} {r['vs_baseline']:14.2f}x")
+        print(f"{r['backend']:15} {'on' if r['mixmask'] else 'off':7} {r['images_per_sec']:8.1f} "
+              f"{r['min']:6.0f}-{r['max']:<6.0f} {r['per_core']:8.1f} {r['vs_baseline']:14.2f}x")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps({"device": device, "dataset": facts, "args": vars(a), "results": rows},
                                        indent=2))

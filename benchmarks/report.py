@@ -1,8 +1,13 @@
-"""README's benchmark section, generated from a `python -m benchmarks` run.
+"""README's benchmark section from a `python -m benchmarks` run, and two runs compared figure by figure.
 
     python -m benchmarks.report bench-out/bench.json                  print the markdown
     python -m benchmarks.report bench-out/bench.json --readme README.md   replace the section between
                                                                       <!-- bench:start --> and <!-- bench:end -->
+    python -m benchmarks.report bench-out/bench.json --compare OTHER.json
+                                          is each figure of OTHER within this run's noise? (exit 0 either way)
+
+Every measured figure is a median with the min and max of its repeats (the noise). Two runs agree on a
+figure when their min-max ranges overlap; --compare prints the figures side by side and counts them.
 """
 from __future__ import annotations
 
@@ -14,41 +19,111 @@ from pathlib import Path
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
+def _rng(r: dict, fmt: str = "{:.0f}") -> str:
+    """'median (min-max)' of a row with images_per_sec/min/max."""
+    med = r["images_per_sec"]
+    if "min" not in r:
+        return fmt.format(med)
+    return f"{fmt.format(med)} ({fmt.format(r['min'])}-{fmt.format(r['max'])})"
+
+
 def render(b: dict, chart: str = "") -> str:
     m, a = b["machine"], b["args"]
     gpu = f", {m['gpu']}" if m.get("gpu") else ", no GPU"
+    d = b.get("dataset")
+    data = (f"{d['files']} generated ImageNet-like JPEGs (mean {d['mean_wh'][0]:.0f} x {d['mean_wh'][1]:.0f} px, "
+            f"{d['mean_kb']:.0f} KB)" if d else f"{a['images']} generated JPEGs")
     lines = [
         f"`python -m benchmarks` on {m['date'][:10]}, {m['cores']} cores {m['cpu']}{gpu}, torch {m['torch']}, "
-        f"DALI {m.get('dali') or '-'}, ffcv {m.get('ffcv') or '-'}. Loaders: {a['images']} generated JPEGs, two views "
-        f"at {a['size']} px, batch {a['batch']}, median of {a['repeats']} epochs. Training step: MoCo v2 + MixMask "
-        f"{a['arch']} at {a['train_size']} px, batch {a['train_batch']}, precision {a['precision']}, on {a['device']}; "
-        "share of ceiling = images/s fed by the loader / images/s fed one synthetic batch already on the device.",
+        f"DALI {m.get('dali') or '-'}, ffcv {m.get('ffcv') or '-'}. Loaders: {data}, two views "
+        f"at {a['size']} px, batch {a['batch']}, median (min-max) of {a['repeats']} epochs after a warm-up epoch. "
+        f"Training step: MoCo v2 + MixMask {a['arch']} at {a['train_size']} px, batch {a['train_batch']}, "
+        f"{'fp32' if a['precision'] == 'no' else a['precision']}, on {a['device']}, median (min-max) of {a.get('train_repeats', 3)} runs of "
+        f"{a['steps']} steps; share of ceiling = median images/s fed by the loader / median images/s fed one "
+        "synthetic batch already on the device.",
         "",
-        "| loader | MixMask off img/s | MixMask on img/s | per core (on) | on, vs first row | training img/s (share of ceiling) |",
-        "|---|---|---|---|---|---|",
+        "| loader | MixMask off img/s | MixMask on img/s | per core (on) | on, vs first row | training img/s "
+        "| share of ceiling |",
+        "|---|---|---|---|---|---|---|",
     ]
     train = {r["feed"]: r for r in b["training"] if r["mixmask"]}
     syn_off = next((r for r in b["training"] if r["feed"] == "synthetic" and not r["mixmask"]), None)
     ceil = train.get("synthetic")
     if ceil:
-        plain = f"; plain MoCo v2 {syn_off['images_per_sec']:.1f} ({syn_off['share_of_ceiling']:.2f})" if syn_off else ""
-        lines.append(f"| synthetic batch (model-only ceiling) | | | | | {ceil['images_per_sec']:.1f} (1.00){plain} |")
+        lines.append(f"| synthetic batch (model-only ceiling) | | | | | {_rng(ceil, '{:.1f}')} | 1.00 |")
+        if syn_off:
+            lines.append(f"| synthetic batch, MixMask off (plain MoCo v2) | | | | | {_rng(syn_off, '{:.1f}')} | "
+                         f"{syn_off['share_of_ceiling']:.2f} |")
     for name in dict.fromkeys(r["backend"] for r in b["loaders"]):
         off = next(r for r in b["loaders"] if r["backend"] == name and not r["mixmask"])
         on = next(r for r in b["loaders"] if r["backend"] == name and r["mixmask"])
         t = train.get(name)
-        tcell = f"{t['images_per_sec']:.1f} ({t['share_of_ceiling']:.2f})" if t else ""
-        lines.append(f"| {name} | {off['images_per_sec']:.1f} | {on['images_per_sec']:.1f} | {on['per_core']:.1f} | "
+        tcell = f"{_rng(t, '{:.1f}')} | {t['share_of_ceiling']:.2f}" if t else " | "
+        lines.append(f"| {name} | {_rng(off)} | {_rng(on)} | {on['per_core']:.1f} | "
                      f"{on['vs_baseline']:.2f} | {tcell} |")
-    ks = [r for r in b["kernels"] if r.get("backend") == "cpu"]
-    if ks:
-        parts = [f"{r['dtype']} {r['fused_ms']:.1f} ms ({r['fused_over_copy']:.2f} of a copy"
-                 + (f", {r['speedup_vs_torch']:.0f}x the torch ops)" if r.get("speedup_vs_torch") else ")") for r in ks]
-        lines += ["", f"Fused kernel in the same run ({ks[0]['n']} x {ks[0]['size']} x {ks[0]['size']}, CPU): "
-                  + "; ".join(parts) + "."]
+    for backend in ("cpu", "cuda"):
+        ks = [r for r in b["kernels"] if r.get("backend") == backend and r.get("variant", "vector") == "vector"]
+        top = max((r.get("threads", 0) for r in ks), default=0)
+        ks = [r for r in ks if r.get("threads", 0) == top]  # CPU: the all-thread rows
+        if not ks:
+            continue
+        parts = []
+        for r in ks:
+            noise = f" ({r['fused_ms_min']:.2f}-{r['fused_ms_max']:.2f})" if "fused_ms_min" in r else ""
+            torch_x = f", {r['speedup_vs_torch']:.0f}x the torch ops" if r.get("speedup_vs_torch") else ""
+            parts.append(f"{r['dtype']} {r['fused_ms']:.2f} ms{noise}, {r['fused_over_copy']:.2f} of a copy{torch_x}")
+        lines += ["", f"Fused normalise + mix kernel in the same run ({ks[0]['n']} x {ks[0]['size']} x {ks[0]['size']}, "
+                  f"{backend.upper()}, ms median (min-max)): " + "; ".join(parts) + "."]
+    best = b.get("best_loader")
+    if best:
+        lines += ["", f"Best loader in the training step: {best['feed']}, at {best['share_of_ceiling']:.2f} of the model-only "
+                  f"ceiling (target on a GPU: >= {best['target']})."]
     if chart:
         lines += ["", f"Chart of this run: `{chart}`."]
     return "\n".join(lines)
+
+
+def figures(b: dict) -> dict[str, dict]:
+    """Every measured figure of a run with its noise: name -> {"median", "min", "max", "unit"}."""
+    out = {}
+    for r in b["loaders"]:
+        out[f"loader {r['backend']} mixmask {'on' if r['mixmask'] else 'off'}"] = {
+            "median": r["images_per_sec"], "min": r.get("min", r["images_per_sec"]),
+            "max": r.get("max", r["images_per_sec"]), "unit": "img/s"}
+    for r in b["training"]:
+        out[f"training {r['feed']} mixmask {'on' if r['mixmask'] else 'off'}"] = {
+            "median": r["images_per_sec"], "min": r.get("min", r["images_per_sec"]),
+            "max": r.get("max", r["images_per_sec"]), "unit": "img/s"}
+    for r in b["kernels"]:
+        name = f"kernel {r['backend']} {r.get('variant', r.get('threads', ''))} {r['dtype']}".replace("  ", " ")
+        out[name] = {"median": r["fused_ms"], "min": r.get("fused_ms_min", r["fused_ms"]),
+                     "max": r.get("fused_ms_max", r["fused_ms"]), "unit": "ms"}
+    return out
+
+
+def compare(a: dict, b: dict) -> list[dict]:
+    """The figures both runs measured: a's and b's spreads, b's median / a's, and whether the ranges overlap."""
+    fa, fb = figures(a), figures(b)
+    rows = []
+    for name in fa:
+        if name not in fb:
+            continue
+        x, y = fa[name], fb[name]
+        rows.append({"figure": name, "unit": x["unit"], "a": x, "b": y, "ratio": y["median"] / x["median"],
+                     "overlap": x["min"] <= y["max"] and y["min"] <= x["max"]})
+    return rows
+
+
+def print_comparison(rows: list[dict], label_a: str = "this run", label_b: str = "other run") -> None:
+    print(f"{'figure':34} {'unit':5} {label_a + ' median (min-max)':>28} {label_b + ' median (min-max)':>28} "
+          f"{'ratio':>6}  ranges overlap")
+    for r in rows:
+        a, b = r["a"], r["b"]
+        print(f"{r['figure']:34} {r['unit']:5} {a['median']:12.4g} ({a['min']:6.4g}-{a['max']:6.4g}) "
+              f"{b['median']:12.4g} ({b['min']:6.4g}-{b['max']:6.4g}) {r['ratio']:6.2f}  "
+              f"{'yes' if r['overlap'] else 'NO'}")
+    n_ok = sum(r["overlap"] for r in rows)
+    print(f"{n_ok} of {len(rows)} figures within the other run's noise (min-max ranges overlap)")
 
 
 def update_readme(readme: Path, text: str) -> None:
@@ -65,8 +140,14 @@ def main(argv=None) -> int:
     ap.add_argument("bench_json")
     ap.add_argument("--readme", help="README to update in place")
     ap.add_argument("--chart", default="", help="path of the chart to mention")
+    ap.add_argument("--compare", metavar="OTHER_JSON", help="another run's bench.json: figures side by side")
     a = ap.parse_args(argv)
-    text = render(json.loads(Path(a.bench_json).read_text()), a.chart)
+    bench = json.loads(Path(a.bench_json).read_text())
+    if a.compare:
+        print_comparison(compare(bench, json.loads(Path(a.compare).read_text())), Path(a.bench_json).stem,
+                         Path(a.compare).stem)
+        return 0
+    text = render(bench, a.chart)
     if a.readme:
         update_readme(Path(a.readme), text)
         print(f"updated {a.readme}")

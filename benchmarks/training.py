@@ -8,19 +8,23 @@ keys of x2, MixMask loss, backward, SGD step, loss.item() to synchronise):
 - synthetic, MixMask off: plain MoCo v2 (no mixed forward): the cost of MixMask's extra forward;
 - each backend, MixMask on: batches from the real loader (decode, two views, fused mix);
   share_of_ceiling = its images/s / the ceiling's: 1.0 means the model never waits for data.
-images/s = batch x timed steps / wall time, after warm-up steps (compilation, worker start).
+images/s = batch x timed steps / wall time, after warm-up steps (compilation, worker start); the median
+of --repeats such runs, with their min and max (the noise). Rows are timed there and back (half the runs
+of every row, then the rest in reverse order; benchmarks.there_and_back), each time with a fresh model
+and loader.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks import spread, there_and_back
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -78,26 +82,31 @@ def loader_batches(loader):
 def run(args, root: Path | None = None) -> list[dict]:
     device = torch.device(args.device)
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    rows = []
+    feeds = [("synthetic", True), ("synthetic", False)]
+    if root is not None:
+        feeds += [(b, True) for b in args.backends.split(",") if b]
+    runs: dict[tuple, list[float]] = {}
+    for (name, mask), n in there_and_back(feeds, args.repeats):
+        loader = None
+        if name == "synthetic":
+            batches = synthetic_batches(args.batch, args.size, device, dtype, mask, True)
+        else:
+            from benchmarks.loaders import build
 
-    def row(name, mask, batches, loader=None):
+            loader = build(name, root, args.size, args.batch, args.cores, True, args.device)
+            loader.stage.dtype = dtype
+            batches = loader_batches(loader)
         model = _model(args.arch, args.size, device, True)
-        ips = [time_steps(model, batches, args.steps, args.warmup if r == 0 else 1, device, dtype)
-               for r in range(args.repeats)]
-        rows.append({"feed": name, "mixmask": mask, "images_per_sec": statistics.median(ips), "runs": ips})
+        runs.setdefault((name, mask), []).extend(
+            time_steps(model, batches, args.steps, args.warmup if r == 0 else 1, device, dtype) for r in range(n))
         batches.close()  # stop the loader's iteration, then free its threads before the next row
         if hasattr(loader, "close"):
             loader.close()
-
-    row("synthetic", True, synthetic_batches(args.batch, args.size, device, dtype, True, True))
-    row("synthetic", False, synthetic_batches(args.batch, args.size, device, dtype, False, True))
-    if root is not None:
-        from benchmarks.loaders import build
-
-        for backend in [b for b in args.backends.split(",") if b]:
-            loader = build(backend, root, args.size, args.batch, args.cores, True, args.device)
-            loader.stage.dtype = dtype
-            row(backend, True, loader_batches(loader), loader)
+    rows = []
+    for name, mask in feeds:
+        s = spread(runs[(name, mask)])
+        rows.append({"feed": name, "mixmask": mask, "images_per_sec": s["median"], "min": s["min"], "max": s["max"],
+                     "runs": runs[(name, mask)]})
     ceiling = rows[0]["images_per_sec"]
     for r in rows:
         r["share_of_ceiling"] = r["images_per_sec"] / ceiling
@@ -117,15 +126,16 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 def print_rows(rows: list[dict], args) -> None:
     print(f"training step: MoCo v2 + MixMask {args.arch} at {args.size} px, batch {args.batch}, {args.precision}, "
-          f"{args.device}; median of {args.repeats} x {args.steps} steps")
-    print(f"{'feed':16} {'mixmask':7} {'img/s':>8} {'share of ceiling':>17}")
+          f"{args.device}; median (min-max) of {args.repeats} x {args.steps} steps")
+    print(f"{'feed':16} {'mixmask':7} {'img/s':>8} {'min-max':>13} {'share of ceiling':>17}")
     for r in rows:
         print(f"{r['feed']:16} {'on' if r['mixmask'] else 'off':7} {r['images_per_sec']:8.1f} "
-              f"{r['share_of_ceiling']:16.2f}")
+              f"{r['min']:6.1f}-{r['max']:<6.1f} {r['share_of_ceiling']:16.2f}")
 
 
 def main(argv=None) -> int:
-    from benchmarks.loaders import make_dataset
+    from benchmarks import imagenet_like
+    from benchmarks.loaders import default_data
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", required=True)
@@ -134,7 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cores", type=int, default=2)
     add_args(ap)
     a = ap.parse_args(argv)
-    root = make_dataset(Path("bench-out") / f"jpegs-{a.images}", a.images) if a.backends else None
+    root = imagenet_like.ensure(default_data(a.images), a.images, workers=a.cores) if a.backends else None
     rows = run(a, root)
     print_rows(rows, a)
     Path(a.json).write_text(json.dumps({"args": vars(a), "results": rows}, indent=2))

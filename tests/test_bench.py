@@ -1,9 +1,14 @@
-"""`python -m benchmarks --quick` (the CI smoke variant of `make bench`): every figure is produced,
-positive and finite, for every installed backend, and the chart is written."""
+"""Benchmarks: `python -m benchmarks --quick` (the CI smoke variant of `make bench`) produces every figure,
+positive and finite, with its min <= median <= max, for every installed backend; the report, the run
+comparison, the pooling of kernel bursts and the ImageNet-like set follow their definitions."""
 import json
 import math
+import statistics
 import subprocess
 import sys
+
+import numpy as np
+import pytest
 
 from trainrun import REPO
 
@@ -22,35 +27,134 @@ def test_bench_quick_produces_every_figure(tmp_path):
     figures += [r["fused_gbps"] for r in out["kernels"]] + [r["copy_gbps"] for r in out["kernels"]]
     figures += [r["images_per_sec"] for r in out["training"]] + [r["share_of_ceiling"] for r in out["training"]]
     assert all(math.isfinite(f) and f > 0 for f in figures), figures
+    for r in out["loaders"] + out["training"]:
+        assert 0 < r["min"] <= r["images_per_sec"] <= r["max"] and len(r["runs"]) == 2, r
+    for r in out["kernels"]:
+        assert r["bursts"] == 3 and len(r["fused_ms_all"]) == 9 and r["matches_reference"], r
+        assert 0 < r["fused_ms_min"] <= r["fused_ms"] <= r["fused_ms_max"]
     feeds = [(r["feed"], r["mixmask"]) for r in out["training"]]
     assert feeds[:2] == [("synthetic", True), ("synthetic", False)] and ("torchvision", True) in feeds
     assert out["machine"]["cores"] >= 1 and out["machine"]["torch"]
+    best = max((r for r in out["training"] if r["feed"] != "synthetic"), key=lambda r: r["share_of_ceiling"])
+    assert out["best_loader"]["feed"] == best["feed"] and out["best_loader"]["target"] == 0.95
+    assert out["dataset"]["files"] == 64 and out["dataset"]["mean_kb"] > 30
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+    # a second run with the same options is compared with the first, figure by figure
+    res = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    n = len(out["loaders"]) + len(out["training"]) + len(out["kernels"])
+    assert (tmp_path / "bench-prev.json").exists() and f" of {n} figures within the other run's noise" in res.stdout
 
 
-def test_report_renders_every_row_and_updates_only_its_section(tmp_path):
-    from benchmarks.report import END, START, render, update_readme
-
-    bench = {
+def _bench(loader_spreads, kernel_ms=(8.5, 8.0, 9.0)):
+    return {
         "machine": {"date": "2026-11-22T18:00:00", "cores": 2, "cpu": "CPU", "gpu": None, "torch": "t",
                     "dali": "2.4.0", "ffcv": None},
-        "args": {"images": 8, "size": 64, "batch": 4, "repeats": 1, "arch": "resnet10", "train_size": 32,
-                 "train_batch": 4, "precision": "no", "device": "cpu"},
-        "loaders": [{"backend": b, "mixmask": m, "images_per_sec": 10.0 + k, "per_core": 5.0, "vs_baseline": 1.5}
-                    for k, (b, m) in enumerate([("torchvision", False), ("torchvision", True), ("dali", False),
-                                                ("dali", True)])],
-        "kernels": [{"backend": "cpu", "dtype": "float16", "fused_ms": 8.5, "fused_over_copy": 0.7,
+        "args": {"images": 8, "size": 64, "batch": 4, "repeats": 3, "arch": "resnet10", "train_size": 32,
+                 "train_batch": 4, "precision": "no", "device": "cpu", "steps": 2, "train_repeats": 3},
+        "dataset": {"files": 8, "mean_kb": 110.0, "mean_wh": [470.0, 390.0]},
+        "loaders": [{"backend": b, "mixmask": m, "images_per_sec": med, "min": lo, "max": hi, "per_core": med / 2,
+                     "vs_baseline": 1.5} for (b, m), (lo, med, hi) in zip(
+                         [("torchvision", False), ("torchvision", True), ("dali", False), ("dali", True)],
+                         loader_spreads)],
+        "kernels": [{"backend": "cpu", "threads": 2, "dtype": "float16", "fused_ms": kernel_ms[0],
+                     "fused_ms_min": kernel_ms[1], "fused_ms_max": kernel_ms[2], "fused_over_copy": 0.7,
                      "speedup_vs_torch": 85.0, "n": 256, "size": 224}],
-        "training": [{"feed": "synthetic", "mixmask": True, "images_per_sec": 60.0, "share_of_ceiling": 1.0},
-                     {"feed": "synthetic", "mixmask": False, "images_per_sec": 108.0, "share_of_ceiling": 1.8},
-                     {"feed": "dali", "mixmask": True, "images_per_sec": 54.0, "share_of_ceiling": 0.9}],
+        "training": [{"feed": "synthetic", "mixmask": True, "images_per_sec": 60.0, "min": 58.0, "max": 61.0,
+                      "share_of_ceiling": 1.0},
+                     {"feed": "synthetic", "mixmask": False, "images_per_sec": 108.0, "min": 100.0, "max": 110.0,
+                      "share_of_ceiling": 1.8},
+                     {"feed": "dali", "mixmask": True, "images_per_sec": 54.0, "min": 50.0, "max": 55.0,
+                      "share_of_ceiling": 0.9}],
+        "best_loader": {"feed": "dali", "share_of_ceiling": 0.9, "target": 0.95},
     }
-    text = render(bench, "docs/bench.png")
-    assert "| torchvision | 10.0 | 11.0 |" in text and "| dali | 12.0 | 13.0 |" in text
-    assert "54.0 (0.90)" in text and "60.0 (1.00); plain MoCo v2 108.0 (1.80)" in text
-    assert "float16 8.5 ms (0.70 of a copy, 85x the torch ops)" in text
+
+
+def test_report_renders_every_row_with_its_noise_and_updates_only_its_section(tmp_path):
+    from benchmarks.report import END, START, render, update_readme
+
+    text = render(_bench([(9, 10, 11), (10, 11, 12), (11, 12, 13), (12, 13, 14)]), "docs/bench.png")
+    assert "| torchvision | 10 (9-11) | 11 (10-12) |" in text and "| dali | 12 (11-13) | 13 (12-14) |" in text
+    assert "| dali | 12 (11-13) | 13 (12-14) | 6.5 | 1.50 | 54.0 (50.0-55.0) | 0.90 |" in text
+    assert "| synthetic batch (model-only ceiling) | | | | | 60.0 (58.0-61.0) | 1.00 |" in text
+    assert "| synthetic batch, MixMask off (plain MoCo v2) | | | | | 108.0 (100.0-110.0) | 1.80 |" in text
+    assert "float16 8.50 ms (8.00-9.00), 0.70 of a copy, 85x the torch ops" in text
+    assert "8 generated ImageNet-like JPEGs (mean 470 x 390 px, 110 KB)" in text
+    assert "Best loader in the training step: dali, at 0.90 of the model-only ceiling (target on a GPU: >= 0.95)" in text
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{START}\nold\n{END}\nafter\n")
     update_readme(readme, text)
     s = readme.read_text()
     assert s.startswith("before\n") and s.endswith(f"{END}\nafter\n") and "old" not in s and text in s
+
+
+def test_compare_overlap_is_interval_intersection():
+    from benchmarks.report import compare
+
+    a = _bench([(9, 10, 11), (10, 11, 12), (11, 12, 13), (12, 13, 14)])
+    b = _bench([(11, 12, 13), (12.5, 13, 14), (5, 6, 10.999), (12, 13, 14)], kernel_ms=(9.5, 9.1, 9.9))
+    rows = {r["figure"]: r for r in compare(a, b)}
+    assert rows["loader torchvision mixmask off"]["overlap"]         # touching at 11: [9, 11] vs [11, 13]
+    assert not rows["loader torchvision mixmask on"]["overlap"]      # [10, 12] vs [12.5, 14]
+    assert not rows["loader dali mixmask off"]["overlap"]            # [11, 13] vs [5, 10.999]
+    assert rows["loader dali mixmask on"]["overlap"] and rows["loader dali mixmask on"]["ratio"] == 1.0
+    assert not rows["kernel cpu 2 float16"]["overlap"]               # [8, 9] ms vs [9.1, 9.9] ms
+    assert rows["kernel cpu 2 float16"]["ratio"] == pytest.approx(9.5 / 8.5)
+    assert len(rows) == 4 + 3 + 1
+
+
+def test_kernel_bursts_pool_their_rounds():
+    from benchmarks.kernels import merge_bursts
+
+    def row(ms, copy, ref=None):
+        return {"backend": "cpu", "dtype": "float16", "threads": 2, "bytes_moved": 1_000_000, "fused_ms_all": ms,
+                "fused_ms": statistics.median(ms), "copy_gbps": copy, "torch_ref_ms": ref,
+                "copy_gbps_by_method": {"numpy": copy}, "matches_reference": True}
+
+    bursts = [[row([1.0, 1.2, 1.1], 50.0)], [row([2.0, 2.2, 2.1], 40.0, ref=100.0)], [row([1.5, 1.4, 1.6], 60.0)]]
+    (m,) = merge_bursts(bursts)
+    pooled = [1.0, 1.2, 1.1, 2.0, 2.2, 2.1, 1.5, 1.4, 1.6]
+    assert m["fused_ms"] == statistics.median(pooled) == 1.5
+    assert (m["fused_ms_min"], m["fused_ms_max"], m["bursts"]) == (1.0, 2.2, 3)
+    assert m["fused_gbps"] == pytest.approx(1_000_000 / 1.5e-3 / 1e9)   # bytes / s at the pooled median
+    assert m["copy_gbps"] == 50.0 and m["fused_over_copy"] == pytest.approx(m["fused_gbps"] / 50.0)
+    assert m["torch_ref_ms"] == 100.0 and m["speedup_vs_torch"] == pytest.approx(100.0 / 1.5)
+
+
+def test_imagenet_like_sizes_follow_the_stated_distribution():
+    from benchmarks.imagenet_like import image_size
+
+    rng = np.random.default_rng(1)
+    wh = np.array([image_size(rng) for _ in range(20000)])
+    long, short = wh.max(1), wh.min(1)
+    assert abs((long == 500).mean() - 0.8) < 0.02                          # the 500 px mode
+    assert abs((wh[:, 0] > wh[:, 1]).mean() - 0.75) < 0.02                  # landscape
+    aspect = short / long
+    assert abs(np.isclose(aspect, 0.75, atol=2e-3).mean() - 0.55) < 0.03    # 3:4 (uniform part: ~0.2% near it)
+    assert 200 <= long.min() and long.max() <= 1000 and short.min() >= 100
+    mw, mh = wh.mean(0)
+    assert 440 < mw < 490 and 380 < mh < 420                               # ImageNet: ~469 x 387
+
+
+def test_imagenet_like_set_is_deterministic_and_cached(tmp_path):
+    from benchmarks import imagenet_like
+
+    a = imagenet_like.ensure(tmp_path / "a", 6, classes=2, workers=1)
+    b = imagenet_like.ensure(tmp_path / "b", 6, classes=2, workers=2)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.jpg"))
+    assert len(files) == 6 + 2 and files == sorted(p.relative_to(b) for p in b.rglob("*.jpg"))
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    stamp = (a / "train/c00/000000.jpg").stat().st_mtime_ns
+    assert imagenet_like.ensure(tmp_path / "a", 6, classes=2) == a                    # cached: not rewritten
+    assert (a / "train/c00/000000.jpg").stat().st_mtime_ns == stamp
+    facts = imagenet_like.facts(a)
+    assert facts["files"] == 6 and 30 < facts["mean_kb"] < 400
+
+
+def test_there_and_back_splits_repeats_and_reverses():
+    from benchmarks import there_and_back
+
+    assert there_and_back(["a", "b", "c"], 5) == [("a", 3), ("b", 3), ("c", 3), ("c", 2), ("b", 2), ("a", 2)]
+    assert there_and_back(["a", "b"], 1) == [("a", 1), ("b", 1)]
+    assert there_and_back(["a", "b"], 2) == [("a", 1), ("b", 1), ("b", 1), ("a", 1)]
