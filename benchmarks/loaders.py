@@ -1,6 +1,6 @@
-"""Two-view loader throughput: the torchvision baseline against DALI, with and without MixMask.
+"""Two-view loader throughput: the torchvision baseline against DALI and FFCV, with and without MixMask.
 
-    python -m benchmarks.loaders --json PATH [--images 512 --batch 64 --size 224 --repeats 3 --quick]
+    python -m benchmarks.loaders --json PATH [--images 1024 --batch 64 --size 224 --repeats 5 --quick]
 
 One run, the same JPEG files and the same cores for every row. The files are an ImageNet-like
 generated set (benchmarks/imagenet_like.py: ImageNet's sizes, mostly 500 x 375 / 333, ~110 KB files,
@@ -85,10 +85,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", required=True)
     ap.add_argument("--data", default="", help="JPEG set in ImageFolder layout (default: the generated "
                     "ImageNet-like set, cached in bench-out/data/)")
-    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--backends", default="torchvision,dali,ffcv-jpg,ffcv-jpg-twice,ffcv-raw",
                     help="first = the baseline of the ratios; ffcv-<raw|jpg>[-twice]: .beton mode, twice = decode per view")
     ap.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
