@@ -10,7 +10,8 @@
 #   kernels  the kernel benchmark alone, 15 rounds                 -> $OUT/kernels.json, kernels.txt
 #   demo     the demo recipe trained on the GPU in bf16            -> $OUT/demo_gpu_summary.json, demo_gpu.txt
 # Usage there: OUT=DIR bash benchmarks/gpu_session.sh [steps...]   (default: env tests dali bench)
-# The wheels shipped beside it are installed first (see below).
+# The wheels shipped beside it are installed first: make them with benchmarks/gpu_wheels.sh, which also
+# lists the device calls that carry them.
 # Runs with the machine's python3 (torch 2.11 cu130, numba-cuda). Its numpy 2.5 lacks np.row_stack,
 # which its numba-cuda still registers at import, so every CUDA kernel compile fails (seen
 # 2026-11-22): carry a numpy <= 2.4 wheel in .whl/ (see the device README) and it is put first on
