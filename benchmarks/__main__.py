@@ -143,6 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
     ap.add_argument("--kernel-n", type=int, default=256, help="kernel benchmark batch (224 px)")
     a = ap.parse_args(argv)
+    if a.data and not (Path(a.data) / "train").is_dir():
+        ap.error(f"--data {a.data}: no train/ folder in it (ImageFolder layout: DIR/train/<class>/*.jpg, DIR/val/...)")
     if a.quick:
         a.images, a.size, a.batch, a.repeats = 64, 64, 16, 2
         a.arch, a.train_size, a.train_batch, a.steps, a.train_repeats, a.kernel_n = "resnet10", 32, 8, 2, 2, 4
@@ -202,4 +204,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from loaders.folder import DataError
+
+    try:
+        sys.exit(main())
+    except DataError as e:
+        sys.exit(f"error: {e}")

@@ -106,6 +106,8 @@ def facts(root: Path, sample: int = 400) -> dict:
     from PIL import Image
 
     files = sorted((Path(root) / "train").glob("*/*.jpg"))
+    if not files:
+        return {"files": 0, "mean_kb": 0.0, "mean_wh": [0.0, 0.0]}
     step = max(1, len(files) // sample)
     sizes = [Image.open(f).size for f in files[::step]]
     return {"files": len(files), "mean_kb": float(np.mean([f.stat().st_size for f in files]) / 1024),

@@ -97,6 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hw-decoder-load", type=float, default=0.65, help="DALI on cuda: hardware decoder share")
     ap.add_argument("--quick", action="store_true", help="tiny run for CI: 48 images, 64 px, 1 repeat")
     a = ap.parse_args(argv)
+    if a.data and not (Path(a.data) / "train").is_dir():
+        ap.error(f"--data {a.data}: no train/ folder in it (ImageFolder layout: DIR/train/<class>/*.jpg, DIR/val/...)")
     if a.quick:
         a.images, a.batch, a.size, a.repeats = 48, 16, 64, 1
     root = Path(a.data) if a.data else imagenet_like.ensure(default_data(a.images), a.images, workers=a.cores)
@@ -146,4 +148,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from loaders.folder import DataError
+
+    try:
+        sys.exit(main())
+    except DataError as e:
+        sys.exit(f"error: {e}")

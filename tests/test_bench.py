@@ -158,3 +158,12 @@ def test_there_and_back_splits_repeats_and_reverses():
     assert there_and_back(["a", "b", "c"], 5) == [("a", 3), ("b", 3), ("c", 3), ("c", 2), ("b", 2), ("a", 2)]
     assert there_and_back(["a", "b"], 1) == [("a", 1), ("b", 1)]
     assert there_and_back(["a", "b"], 2) == [("a", 1), ("b", 1), ("b", 1), ("a", 1)]
+
+
+def test_bad_data_folder_is_one_line_error(tmp_path):
+    (tmp_path / "train").mkdir()
+    for data, msg in ((tmp_path / "missing", "no train/ folder in it"), (tmp_path, "no class folders in")):
+        res = subprocess.run([sys.executable, "-m", "benchmarks.loaders", "--json", str(tmp_path / "x.json"),
+                              "--data", str(data), "--backends", "torchvision"], cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode != 0 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
