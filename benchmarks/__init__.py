@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import platform
+import sys
+from pathlib import Path
 
 
 def cpu_model() -> str:
@@ -43,3 +45,27 @@ def there_and_back(items: list, repeats: int) -> list[tuple]:
     if repeats > first:
         order += [(it, repeats - first) for it in reversed(items)]
     return order
+
+
+def data_root(data: str, images: int, cores: int) -> Path:
+    """The loaders' JPEG set: `data` when given (ImageFolder layout with train/, else DataError), or the
+    generated ImageNet-like set of `images` files (benchmarks/imagenet_like.py), cached in bench-out/data/."""
+    from benchmarks import imagenet_like
+    from loaders.folder import DataError
+
+    if data:
+        if not (Path(data) / "train").is_dir():
+            raise DataError(f"--data {data}: no train/ folder in it (ImageFolder layout: DIR/train/<class>/*.jpg, "
+                            "DIR/val/...)")
+        return Path(data)
+    return imagenet_like.ensure(Path("bench-out") / "data" / f"imagenet-like-{images}", images, workers=cores)
+
+
+def run_cli(main) -> None:
+    """sys.exit(main()) for a benchmark command; bad data (DataError) ends it with one line, not a traceback."""
+    from loaders.folder import DataError
+
+    try:
+        sys.exit(main())
+    except DataError as e:
+        sys.exit(f"error: {e}")

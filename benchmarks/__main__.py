@@ -28,10 +28,9 @@ import importlib.util
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
-from benchmarks import cpu_model, package_version
+from benchmarks import cpu_model, data_root, package_version, run_cli
 
 TARGET_SHARE = 0.95  # on a GPU the best loader keeps the step at >= 95% of the synthetic-feed ceiling
 
@@ -143,8 +142,6 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
     ap.add_argument("--kernel-n", type=int, default=256, help="kernel benchmark batch (224 px)")
     a = ap.parse_args(argv)
-    if a.data and not (Path(a.data) / "train").is_dir():
-        ap.error(f"--data {a.data}: no train/ folder in it (ImageFolder layout: DIR/train/<class>/*.jpg, DIR/val/...)")
     if a.quick:
         a.images, a.size, a.batch, a.repeats = 64, 64, 16, 2
         a.arch, a.train_size, a.train_batch, a.steps, a.train_repeats, a.kernel_n = "resnet10", 32, 8, 2, 2, 4
@@ -152,9 +149,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     backends = installed_backends()
 
-    from benchmarks import imagenet_like, kernels, loaders, report, training
+    from benchmarks import kernels, loaders, report, training
 
-    root = Path(a.data) if a.data else imagenet_like.ensure(loaders.default_data(a.images), a.images, workers=a.cores)
+    root = data_root(a.data, a.images, a.cores)
     ksize, kreps = (32, 3) if a.quick else (224, 7)
     dtypes = ["float16", "bfloat16", "float32"]
     kdevice = kernels._device_info()
@@ -204,9 +201,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from loaders.folder import DataError
-
-    try:
-        sys.exit(main())
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

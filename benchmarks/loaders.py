@@ -27,16 +27,10 @@ import datetime
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-from benchmarks import cpu_model, imagenet_like, package_version, spread, there_and_back
-
-
-def default_data(images: int) -> Path:
-    """Where the generated set of `images` JPEGs is cached."""
-    return Path("bench-out") / "data" / f"imagenet-like-{images}"
+from benchmarks import cpu_model, data_root, imagenet_like, package_version, run_cli, spread, there_and_back
 
 
 def time_pass(loader, epoch: int) -> tuple[float, int]:
@@ -97,11 +91,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hw-decoder-load", type=float, default=0.65, help="DALI on cuda: hardware decoder share")
     ap.add_argument("--quick", action="store_true", help="tiny run for CI: 48 images, 64 px, 1 repeat")
     a = ap.parse_args(argv)
-    if a.data and not (Path(a.data) / "train").is_dir():
-        ap.error(f"--data {a.data}: no train/ folder in it (ImageFolder layout: DIR/train/<class>/*.jpg, DIR/val/...)")
     if a.quick:
         a.images, a.batch, a.size, a.repeats = 48, 16, 64, 1
-    root = Path(a.data) if a.data else imagenet_like.ensure(default_data(a.images), a.images, workers=a.cores)
+    root = data_root(a.data, a.images, a.cores)
     facts = imagenet_like.facts(root)
     import torch
 
@@ -148,9 +140,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from loaders.folder import DataError
-
-    try:
-        sys.exit(main())
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

@@ -85,15 +85,12 @@ def render(b: dict, chart: str = "") -> str:
 
 def figures(b: dict) -> dict[str, dict]:
     """Every measured figure of a run with its noise: name -> {"median", "min", "max", "unit"}."""
-    out = {}
-    for r in b["loaders"]:
-        out[f"loader {r['backend']} mixmask {'on' if r['mixmask'] else 'off'}"] = {
-            "median": r["images_per_sec"], "min": r.get("min", r["images_per_sec"]),
-            "max": r.get("max", r["images_per_sec"]), "unit": "img/s"}
-    for r in b["training"]:
-        out[f"training {r['feed']} mixmask {'on' if r['mixmask'] else 'off'}"] = {
-            "median": r["images_per_sec"], "min": r.get("min", r["images_per_sec"]),
-            "max": r.get("max", r["images_per_sec"]), "unit": "img/s"}
+    def ips(r: dict) -> dict:
+        med = r["images_per_sec"]
+        return {"median": med, "min": r.get("min", med), "max": r.get("max", med), "unit": "img/s"}
+
+    out = {f"loader {r['backend']} mixmask {'on' if r['mixmask'] else 'off'}": ips(r) for r in b["loaders"]}
+    out |= {f"training {r['feed']} mixmask {'on' if r['mixmask'] else 'off'}": ips(r) for r in b["training"]}
     for r in b["kernels"]:
         name = f"kernel {r['backend']} {r.get('variant', r.get('threads', ''))} {r['dtype']}".replace("  ", " ")
         out[name] = {"median": r["fused_ms"], "min": r.get("fused_ms_min", r["fused_ms"]),

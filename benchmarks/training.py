@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks import spread, there_and_back
+from benchmarks import data_root, run_cli, spread, there_and_back
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -85,14 +84,14 @@ def run(args, root: Path | None = None) -> list[dict]:
     feeds = [("synthetic", True), ("synthetic", False)]
     if root is not None:
         feeds += [(b, True) for b in args.backends.split(",") if b]
+    from benchmarks.loaders import build
+
     runs: dict[tuple, list[float]] = {}
     for (name, mask), n in there_and_back(feeds, args.repeats):
         loader = None
         if name == "synthetic":
             batches = synthetic_batches(args.batch, args.size, device, dtype, mask, True)
         else:
-            from benchmarks.loaders import build
-
             loader = build(name, root, args.size, args.batch, args.cores, True, args.device)
             loader.stage.dtype = dtype
             batches = loader_batches(loader)
@@ -134,8 +133,6 @@ def print_rows(rows: list[dict], args) -> None:
 
 
 def main(argv=None) -> int:
-    from benchmarks import imagenet_like
-    from benchmarks.loaders import default_data
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", required=True)
@@ -144,7 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cores", type=int, default=2)
     add_args(ap)
     a = ap.parse_args(argv)
-    root = imagenet_like.ensure(default_data(a.images), a.images, workers=a.cores) if a.backends else None
+    root = data_root("", a.images, a.cores) if a.backends else None
     rows = run(a, root)
     print_rows(rows, a)
     Path(a.json).write_text(json.dumps({"args": vars(a), "results": rows}, indent=2))
@@ -152,4 +149,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from loaders.generated import MARKER, ensure_generated, is_complete
+from loaders.generated import MARKER, ensure_generated, is_complete  # noqa: F401 (MARKER: demo.MARKER)
 
 try:
     from tqdm import tqdm
