@@ -47,9 +47,9 @@ def there_and_back(items: list, repeats: int) -> list[tuple]:
     return order
 
 
-def data_root(data: str, images: int, cores: int) -> Path:
+def data_root(data: str, images: int, cores: int, cache: Path = Path("bench-out") / "data") -> Path:
     """The loaders' JPEG set: `data` when given (ImageFolder layout with train/, else DataError), or the
-    generated ImageNet-like set of `images` files (benchmarks/imagenet_like.py), cached in bench-out/data/."""
+    generated ImageNet-like set of `images` files (benchmarks/imagenet_like.py), cached in `cache`."""
     from benchmarks import imagenet_like
     from loaders.folder import DataError
 
@@ -58,7 +58,7 @@ def data_root(data: str, images: int, cores: int) -> Path:
             raise DataError(f"--data {data}: no train/ folder in it (ImageFolder layout: DIR/train/<class>/*.jpg, "
                             "DIR/val/...)")
         return Path(data)
-    return imagenet_like.ensure(Path("bench-out") / "data" / f"imagenet-like-{images}", images, workers=cores)
+    return imagenet_like.ensure(Path(cache) / f"imagenet-like-{images}", images, workers=cores)
 
 
 def run_cli(main) -> None:

@@ -7,7 +7,7 @@ Runs, one after another in this process on the same machine and data:
 1. loaders (benchmarks/loaders.py): two-view images/s of every installed backend (torchvision, DALI,
    FFCV jpg / jpg decoded per view / raw), MixMask off and on, after a warm-up epoch, median of
    epochs (with min and max), per core, ratio to the torchvision baseline; on a generated ImageNet-like
-   JPEG set (benchmarks/imagenet_like.py, cached in bench-out/data/);
+   JPEG set (benchmarks/imagenet_like.py, cached in bench-out/data/ or --cache DIR);
 2. kernel (benchmarks/kernels.py): the fused normalise + mix against a copy of the same bytes and the
    torch ops (CPU; CUDA rows too on a GPU), timed in three bursts (before the loaders, after them,
    after the training rows) whose rounds are pooled, so its min-max covers the drift of the machine's
@@ -128,7 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (CI)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--data", default="", help="JPEG set in ImageFolder layout (default: the generated "
-                    "ImageNet-like set of --images files, cached in bench-out/data/)")
+                    "ImageNet-like set of --images files, cached in --cache)")
+    ap.add_argument("--cache", default="bench-out/data", help="folder for the generated JPEG set and its .beton files")
     ap.add_argument("--images", type=int, default=1024, help="generated JPEGs for the loaders")
     ap.add_argument("--size", type=int, default=224, help="loader view side (px)")
     ap.add_argument("--batch", type=int, default=64, help="loader batch")
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
 
     from benchmarks import kernels, loaders, report, training
 
-    root = data_root(a.data, a.images, a.cores)
+    root = data_root(a.data, a.images, a.cores, Path(a.cache))
     ksize, kreps = (32, 3) if a.quick else (224, 7)
     dtypes = ["float16", "bfloat16", "float32"]
     kdevice = kernels._device_info()
@@ -193,7 +194,10 @@ def main(argv=None) -> int:
     prev = out / "bench-prev.json"
     if prev.exists():
         old = json.loads(prev.read_text())
-        if old.get("args") == result["args"] and old["machine"].get("cores") == result["machine"]["cores"]:
+        def options(r):  # where the generated set is cached does not change a figure
+            return {k: v for k, v in r.get("args", {}).items() if k != "cache"}
+
+        if options(old) == options(result) and old["machine"].get("cores") == result["machine"]["cores"]:
             print(f"== against the previous run with the same options ({old['machine']['date']}, {prev})")
             report.print_comparison(report.compare(old, result), "previous", "this run")
     print(f"wrote {path} and {out / 'bench.png'}")

@@ -14,9 +14,10 @@ from trainrun import REPO
 
 
 def test_bench_quick_produces_every_figure(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)], cwd=REPO,
-                         capture_output=True, text=True, timeout=1500)
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path), "--cache", str(tmp_path / "data")]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "data" / "imagenet-like-64" / "train").is_dir()               # the set went to --cache
     out = json.loads((tmp_path / "bench.json").read_text())
     from benchmarks.__main__ import installed_backends
 
@@ -40,8 +41,7 @@ def test_bench_quick_produces_every_figure(tmp_path):
     assert out["dataset"]["files"] == 64 and out["dataset"]["mean_kb"] > 30
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     # a second run with the same options is compared with the first, figure by figure
-    res = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)], cwd=REPO,
-                         capture_output=True, text=True, timeout=1500)
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
     n = len(out["loaders"]) + len(out["training"]) + len(out["kernels"])
     assert (tmp_path / "bench-prev.json").exists() and f" of {n} figures within the other run's noise" in res.stdout
