@@ -8,7 +8,6 @@ import argparse
 
 import numpy as np
 import torch
-from numba import cuda
 
 from kernels import mix_cuda
 from kernels.masks import sample_masks

@@ -77,7 +77,6 @@ def test_reference_is_the_formula(layout):
         for y in range(H):
             for x in range(W):
                 keep = masks[j, (y * g) // H, (x * g) // W] == 1
-                src = v1[j] if keep else v1[perm[j]]
                 for c in range(3):
                     assert o1[j, y, x, c] == np.float32((np.float32(v1[j, y, x, c]) - MEAN[c]) / STD[c])
                     assert o2[j, y, x, c] == np.float32((np.float32(v2[j, y, x, c]) - MEAN[c]) / STD[c])

@@ -1,6 +1,5 @@
 """Mask samplers, partners, upsampling, realised lam and mixing (mixmask/masks.py, mixmask/fused.py)."""
 
-import itertools
 
 import numpy as np
 import pytest
