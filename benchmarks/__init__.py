@@ -1,6 +1,8 @@
 """Throughput benchmarks (python -m benchmarks; see benchmarks/__main__.py) and the facts they record."""
 from __future__ import annotations
 
+import datetime
+import os
 import platform
 import sys
 from pathlib import Path
@@ -26,6 +28,20 @@ def package_version(dist: str) -> str | None:
         return version(dist)
     except PackageNotFoundError:
         return None
+
+
+def machine() -> dict:
+    """What every benchmark's JSON records of where it ran: CPU, cores, GPU, library versions, date, load."""
+    import numba
+    import numpy
+    import torch
+
+    return {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "torch": torch.__version__, "numba": numba.__version__, "numpy": numpy.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "loadavg": os.getloadavg(),
+            "torchvision": package_version("torchvision"), "accelerate": package_version("accelerate"),
+            "dali": package_version("nvidia-dali-cuda130"), "ffcv": package_version("ffcv")}
 
 
 def spread(values) -> dict:

@@ -23,14 +23,12 @@ options, each figure is compared with it (benchmarks/report.py: do the min-max r
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
-import platform
 from pathlib import Path
 
-from benchmarks import cpu_model, data_root, package_version, run_cli
+from benchmarks import data_root, machine, run_cli
 
 TARGET_SHARE = 0.95  # on a GPU the best loader keeps the step at >= 95% of the synthetic-feed ceiling
 
@@ -44,18 +42,9 @@ def installed_backends() -> list[str]:
     return names
 
 
-def machine() -> dict:
-    import numba
-    import numpy
-    import torch
-
-    info = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "torch": torch.__version__, "numba": numba.__version__, "numpy": numpy.__version__,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "loadavg": os.getloadavg(),
-            "torchvision": package_version("torchvision"), "accelerate": package_version("accelerate"),
-            "dali": package_version("nvidia-dali-cuda130"), "ffcv": package_version("ffcv")}
-    return info
+def _options(result: dict) -> dict:
+    """A run's options that bear on its figures (where the generated set is cached does not)."""
+    return {k: v for k, v in result.get("args", {}).items() if k != "cache"}
 
 
 def _errbars(rows: list[dict]):
@@ -194,10 +183,7 @@ def main(argv=None) -> int:
     prev = out / "bench-prev.json"
     if prev.exists():
         old = json.loads(prev.read_text())
-        def options(r):  # where the generated set is cached does not change a figure
-            return {k: v for k, v in r.get("args", {}).items() if k != "cache"}
-
-        if options(old) == options(result) and old["machine"].get("cores") == result["machine"]["cores"]:
+        if _options(old) == _options(result) and old["machine"].get("cores") == result["machine"]["cores"]:
             print(f"== against the previous run with the same options ({old['machine']['date']}, {prev})")
             report.print_comparison(report.compare(old, result), "previous", "this run")
     print(f"wrote {path} and {out / 'bench.png'}")

@@ -38,10 +38,8 @@ streaming stores overlap only partly. The torch reference takes ~0.9-1.1 s per b
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -57,26 +55,14 @@ NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16
 
 
 def _device_info() -> dict:
+    """benchmarks.machine() with the thread counts the kernel and the torch reference run on."""
     import numba
+    import torch
 
-    from benchmarks import cpu_model
-    info = {
-        "cpu": cpu_model(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "numba_threads": numba.get_num_threads(),
-        "python": platform.python_version(),
-        "numba": numba.__version__,
-        "numpy": np.__version__,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "loadavg_start": os.getloadavg(),
-    }
-    try:
-        import torch
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        info["torch"] = None
-    return info
+    from benchmarks import machine
+
+    return machine() | {"numba_threads": numba.get_num_threads(), "torch_threads": torch.get_num_threads(),
+                        "loadavg_start": os.getloadavg()}
 
 
 def _numba_copies():

@@ -23,14 +23,12 @@ used; vs_baseline: the median's ratio to the first backend's (same MixMask setti
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
-from benchmarks import cpu_model, data_root, imagenet_like, package_version, run_cli, spread, there_and_back
+from benchmarks import data_root, imagenet_like, machine, run_cli, spread, there_and_back
 
 
 def time_pass(loader, epoch: int) -> tuple[float, int]:
@@ -117,12 +115,9 @@ def main(argv=None) -> int:
     for r in rows:
         base = next(x for x in rows if x["backend"] == backends[0] and x["mixmask"] == r["mixmask"])
         r["vs_baseline"] = r["images_per_sec"] / base["images_per_sec"]
-    device = {"cpu": cpu_model(), "cores": a.cores, "device": a.device,
-              "gpu": torch.cuda.get_device_name() if a.device == "cuda" else None,
-              "hw_decoder_load": a.hw_decoder_load if a.device == "cuda" else None, "python": platform.python_version(),
-              "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "loadavg": os.getloadavg(), "dali": package_version("nvidia-dali-cuda130"),
-              "ffcv": package_version("ffcv")}
+    device = machine() | {"cores": a.cores, "device": a.device,
+                          "gpu": torch.cuda.get_device_name() if a.device == "cuda" else None,
+                          "hw_decoder_load": a.hw_decoder_load if a.device == "cuda" else None}
     print(f"two-view loaders, {facts['files']} JPEGs ~{facts['mean_wh'][0]:.0f}x{facts['mean_wh'][1]:.0f} "
           f"{facts['mean_kb']:.0f} KB, views {a.size}px, batch {a.batch}, {a.cores} cores, device {a.device}, "
           f"median (min-max) of {a.repeats} epochs")
