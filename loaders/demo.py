@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from loaders.generated import MARKER, ensure_generated, is_complete  # noqa: F401 (MARKER: demo.MARKER)
+from loaders.generated import MARKER, ensure_generated  # noqa: F401 (MARKER: demo.MARKER)
 
 try:
     from tqdm import tqdm
@@ -192,6 +192,9 @@ def ensure_demo_dataset(root: Path | str | None = None, *, n_train_per_class: in
     under a lock: loaders/generated.py); a root generated with other parameters is regenerated."""
     root = Path(root) if root is not None else default_demo_root()
     params = _params(n_train_per_class, n_val_per_class, size, seed)
-    if not is_complete(root, params):
+
+    def generate(out: Path) -> None:  # only when no complete copy is there, once across processes
         log.info("generating the mixmask demo dataset (v%d) in %s", DEMO_VERSION, root)
-    return ensure_generated(root, params, lambda out: _generate(out, params))
+        _generate(out, params)
+
+    return ensure_generated(root, params, generate)

@@ -246,7 +246,6 @@ def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, views: tuple
     return TwoViewDecoder()
 
 
-
 def _shard_order(n_batches_skip: int, rank: int, world: int, batch: int, seed: int):
     """A TraversalOrder over this rank's shard of the per-epoch permutation (loaders/sharding.py).
     ffcv 1.0.2 calls a TraversalOrder *instance* with the loader, so the instance returns itself."""

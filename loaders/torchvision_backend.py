@@ -88,22 +88,18 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _decode(path: str) -> Image.Image:
+def decode_image(path: str) -> Image.Image:
+    """The RGB image at `path` as this backend (and the FFCV writer) decodes it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. PIL's "Truncated File Read" / EXIF warnings
         with Image.open(path) as im:
             return im.convert("RGB")  # grayscale, CMYK, palette and RGBA all become RGB
 
 
-def decode_image(path: str) -> Image.Image:
-    """The RGB image at `path` as this backend (and the FFCV writer) decodes it."""
-    return _decode(path)
-
-
 def unreadable_reason(path: str) -> str | None:
     """Why PIL cannot decode `path` (what this backend would skip), or None when it can."""
     try:
-        _decode(path)
+        decode_image(path)
         return None
     except _DECODE_ERRORS as e:
         return f"{type(e).__name__}: {e}"
@@ -131,7 +127,7 @@ class _ImageDataset(Dataset):
         for attempt in range(min(len(self.paths), 16)):
             j = (i + attempt) % len(self.paths)
             try:
-                return _decode(self.paths[j]), self.labels[j], bad
+                return decode_image(self.paths[j]), self.labels[j], bad
             except _DECODE_ERRORS as e:
                 bad.append(f"{self.paths[j]} ({type(e).__name__}: {e})")
         raise DataError(f"{len(bad)} consecutive unreadable images, first: {bad[0]}")
