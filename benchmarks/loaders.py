@@ -56,7 +56,8 @@ def build(backend: str, root: Path, size: int, batch: int, cores: int, mask: boo
 
     index = index_split(root, "train")
     aug = AugParams(size)
-    stage = MixStage((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), torch.float32, True, mask, grid=8)
+    stage = MixStage((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), dtype=torch.float32, channels_last=True,
+                     enabled=mask, grid=8)
     if backend.startswith("ffcv"):  # ffcv-jpg, ffcv-raw, ffcv-jpg-twice (one decode per view, the FFCV-SSL way)
         from loaders.ffcv_backend import FfcvTrainLoader, ensure_beton
 

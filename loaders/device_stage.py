@@ -1,19 +1,22 @@
 """The on-device end of every backend: uint8 NHWC views -> Batch (normalise, layout, MixMask).
 
-Masks are drawn per (seed, epoch, step, rank), so a run is reproducible and resumes exactly; one mask
-per batch (the paper) or one per sample. The partner permutation is the same one the loss uses.
-Route "auto" uses our Numba kernels (counter-based Philox masks, fused normalise + mix) when numba is
-importable for the device, else the torch reference (masks from a torch.Generator keyed the same way).
+Masks are always the kernels' counter-based Philox masks (kernels/masks.py), keyed by
+(seed, epoch, batch_index = step * world + rank, sample index), so a run is reproducible, resumes
+exactly, and every route trains on the same masks; one mask per batch (the paper) or one per sample.
+The partner permutation is the same one the loss uses. The route only picks who does the work:
+"numba" / "auto" draw with the compiled sampler (kernels.sample_masks) and use our fused normalise +
+mix kernels when they exist for the device; "torch" draws with its plain-numpy twin
+(kernels.masks.sample_masks_reference, the same bits) and normalises + mixes in torch.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from kernels import masks as km
 from mixmask import masks as mk
 from mixmask.batch import Batch
-from mixmask.fused import Route, kernels_for, normalize, normalize_and_mix
+from mixmask.fused import Route, normalize, normalize_and_mix
 
 
 class MixStage:
@@ -21,6 +24,7 @@ class MixStage:
         self,
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
+        *,
         dtype: torch.dtype = torch.float32,
         channels_last: bool = True,
         enabled: bool = True,
@@ -40,15 +44,11 @@ class MixStage:
         self.route = route
 
     def masks_for(self, n: int, epoch: int, step: int) -> torch.Tensor:
-        """The step's grid masks.  -> (N or 1, g, g) uint8 on the CPU"""
+        """The step's grid masks (the same on every route).  -> (N or 1, g, g) uint8 on the CPU"""
         count = n if self.per_sample else 1
         batch_index = step * self.world + self.rank  # unique per (step, rank)
-        k = None if self.route == "torch" else kernels_for("cpu")
-        if k is not None:
-            return torch.from_numpy(k.sample_masks(self.kind, count, self.grid, self.ratio, self.seed, epoch, batch_index))
-        key = np.random.SeedSequence([self.seed, epoch, batch_index, 0x3A5C])
-        gen = torch.Generator().manual_seed(int(key.generate_state(1, np.uint64)[0] >> 1))
-        return mk.sample_masks(self.kind, count, self.grid, self.ratio, gen)
+        sample = km.sample_masks_reference if self.route == "torch" else km.sample_masks
+        return torch.from_numpy(sample(self.kind, count, self.grid, self.ratio, self.seed, epoch, batch_index))
 
     def __call__(
         self,

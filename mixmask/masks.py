@@ -1,6 +1,6 @@
-"""MixMask grid masks and partners, in torch (the reference and fallback route).
+"""MixMask partners, upsampling, realised lam and mixing, in torch (the reference and fallback route).
 
-MixMask (Vishniakov, Xing, Shen; arXiv 2210.11456), SPEC.md 1.1-1.7:
+MixMask (Vishniakov, Xing, Shen; arXiv 2210.11456), docs/methods.md §2:
 
     G in {0,1}^(g x g),  M = nearest-upsample(G) to H x W,
     x~_j = M * x1_j + (1 - M) * x1_perm[j],      lam_j = mean(M_j)   (realised, never nominal)
@@ -9,14 +9,13 @@ MixMask (Vishniakov, Xing, Shen; arXiv 2210.11456), SPEC.md 1.1-1.7:
 defined by integer cell indices ``row(y) = (y * g) // H`` and ``col(x) = (x * g) // W``, so cells need
 not divide the image and every route (torch, Numba CPU, CUDA) computes the same mask.
 
-Generators (SPEC 1.7): ``block`` is the BEiT-style block-wise generator with target int(r g^2) masked
-cells (it may under-fill; lam is measured afterwards), ``discrete`` masks each cell independently with
-probability r and rejects all-0 / all-1 masks.
+The masks themselves (docs/methods.md §2: ``block``, BEiT-style, and ``discrete``) are drawn by the
+counter-based Philox samplers in kernels/masks.py (``kernels.sample_masks`` and its plain-numpy twin
+``kernels.masks.sample_masks_reference``, the same bits), on every route; see loaders/device_stage.py.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -40,57 +39,6 @@ def partner_permutation(n: int, how: Partner = "auto", device: torch.device | st
     if how == "roll":
         return idx.roll(-1)
     raise ValueError(f"unknown partner rule {how!r}")
-
-
-def _block_mask(g: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
-    """One BEiT-style block mask: 0 on masked cells.  # (g, g) uint8"""
-    masked = torch.zeros(g, g, dtype=torch.bool)
-    target = int(ratio * g * g)
-    min_cells = 4
-    log_lo, log_hi = math.log(0.3), math.log(1 / 0.3)
-
-    def rand() -> float:
-        return float(torch.rand((), generator=gen))
-
-    count = 0
-    while count < target:
-        remaining = target - count
-        added = 0
-        for _ in range(10):
-            area = min_cells + rand() * (remaining - min_cells)  # U(4, remaining), as random.uniform
-            aspect = math.exp(log_lo + rand() * (log_hi - log_lo))
-            h = int(round(math.sqrt(area * aspect)))
-            w = int(round(math.sqrt(area / aspect)))
-            if 0 < h < g and 0 < w < g:
-                top = int(rand() * (g - h + 1))
-                left = int(rand() * (g - w + 1))
-                patch = masked[top : top + h, left : left + w]
-                new = h * w - int(patch.sum())
-                if 0 < new <= remaining:
-                    patch.fill_(True)
-                    added = new
-                    break
-        if added == 0:
-            break
-        count += added
-    return (~masked).to(torch.uint8)
-
-
-def _discrete_mask(g: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
-    """Each cell masked with probability ``ratio``; all-0 and all-1 masks are redrawn.  # (g, g)"""
-    while True:
-        keep = (torch.rand(g, g, generator=gen) >= ratio).to(torch.uint8)
-        s = int(keep.sum())
-        if 0 < s < g * g:
-            return keep
-
-
-def sample_masks(kind: MaskKind, n: int, g: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
-    """``n`` independent g x g masks (1 = keep x1, 0 = partner).  # (n, g, g) uint8 on the CPU"""
-    if g < 2 or not 0 < ratio < 1:
-        raise ValueError(f"need g >= 2 and 0 < ratio < 1, got g={g}, ratio={ratio}")
-    one = {"block": _block_mask, "discrete": _discrete_mask}[kind]
-    return torch.stack([one(g, ratio, gen) for _ in range(n)])
 
 
 def cell_index(size: int, g: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -26,7 +26,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def stage(enabled=True, dtype=torch.float32, **kw):
-    return MixStage(MEAN, STD, dtype, True, enabled, grid=4, **kw)
+    return MixStage(MEAN, STD, dtype=dtype, channels_last=True, enabled=enabled, grid=4, **kw)
 
 
 def loader(root, batch=16, rank=0, world=1, seed=0, aug=None, st=None, threads=1):

@@ -15,7 +15,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def batches(root, device, aug, dtype=torch.float32):
-    st = MixStage(MEAN, STD, dtype, True, True, grid=4, per_sample=True)
+    st = MixStage(MEAN, STD, dtype=dtype, channels_last=True, enabled=True, grid=4, per_sample=True)
     ld = DaliTrainLoader(index_split(root, "train"), aug, st, 16, threads=2, seed=0, device=device)
     ld.set_epoch(0)
     return list(ld)

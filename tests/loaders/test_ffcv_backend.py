@@ -25,7 +25,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def stage(enabled=True, **kw):
-    return MixStage(MEAN, STD, torch.float32, True, enabled, grid=4, **kw)
+    return MixStage(MEAN, STD, dtype=torch.float32, channels_last=True, enabled=enabled, grid=4, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def make_loader(root, workers=0, per_sample=False, dtype=torch.float32, seed=0):
-    stage = MixStage(MEAN, STD, dtype, True, True, "block", 4, 0.5, per_sample, "auto", seed=seed)
+    stage = MixStage(MEAN, STD, dtype=dtype, channels_last=True, enabled=True, kind="block", grid=4, ratio=0.5,
+                     per_sample=per_sample, partner="auto", seed=seed)
     return TorchvisionTrainLoader(index_split(root, "train"), AugParams(24), stage, batch_size=16, workers=workers, seed=seed)
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import kernels
 from mixmask import masks as mk
 from mixmask.fused import kernels_for, normalize, normalize_and_mix
 
@@ -32,7 +33,7 @@ def test_matches_formula(route, dtype, channels_last, n, h, w, per_sample):
     g = torch.Generator().manual_seed(n * h)
     v1 = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=g)
     v2 = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=g)
-    masks = mk.sample_masks("discrete", n if per_sample else 1, 4, 0.5, g)
+    masks = torch.from_numpy(kernels.sample_masks("discrete", n if per_sample else 1, 4, 0.5, n * h, 0, 0))
     perm = mk.partner_permutation(n)
     full = mk.upsample(masks, h, w).expand(n, h, w).numpy()
     got = normalize_and_mix(v1, v2, masks, perm, MEAN, STD, dtype, channels_last, route)
@@ -56,7 +57,8 @@ def test_routes_identical_on_a_loader_sized_batch():
     g = torch.Generator().manual_seed(1)
     v1 = torch.randint(0, 256, (16, 64, 64, 3), dtype=torch.uint8, generator=g)
     v2 = torch.randint(0, 256, (16, 64, 64, 3), dtype=torch.uint8, generator=g)
-    masks, perm = mk.sample_masks("block", 16, 8, 0.5, g), mk.partner_permutation(16, "roll")
+    masks = torch.from_numpy(kernels.sample_masks("block", 16, 8, 0.5, 1, 0, 0))
+    perm = mk.partner_permutation(16, "roll")
     for dtype in (torch.float32, torch.bfloat16):
         a = normalize_and_mix(v1, v2, masks, perm, MEAN, STD, dtype, True, "torch")
         b = normalize_and_mix(v1, v2, masks, perm, MEAN, STD, dtype, True, "numba")

@@ -1,4 +1,7 @@
-"""Mask samplers, partners, upsampling, realised lam and mixing (mixmask/masks.py, mixmask/fused.py)."""
+"""Partners, upsampling, realised lam and mixing (mixmask/masks.py), and MixStage's masks on every route.
+
+The mask generators themselves are tested in tests/kernels/test_kernels_masks.py.
+"""
 
 
 import numpy as np
@@ -6,11 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
+from loaders.device_stage import MixStage
 from mixmask import masks as mk
+from mixmask.fused import kernels_for
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+def sample(kind, n, g, r, seed=0):
+    """Kernel masks (the ones every route trains on) as a torch tensor.  # (n, g, g) uint8"""
+    return torch.from_numpy(kernels.sample_masks(kind, n, g, r, seed, 0, 0))
 
 
 def full_mask_loops(g_mask: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -26,7 +35,7 @@ def full_mask_loops(g_mask: np.ndarray, h: int, w: int) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["block", "discrete"])
 @pytest.mark.parametrize("g,h,w", [(4, 64, 64), (8, 224, 224), (7, 50, 33), (3, 10, 17)])
 def test_realised_lam_equals_area_of_upsampled_mask(kind, g, h, w):
-    m = mk.sample_masks(kind, 5, g, 0.5, gen(g))
+    m = sample(kind, 5, g, 0.5, g)
     lam = mk.realised_lam(m, h, w)
     for j in range(5):
         ref = full_mask_loops(m[j].numpy(), h, w)
@@ -35,55 +44,9 @@ def test_realised_lam_equals_area_of_upsampled_mask(kind, g, h, w):
 
 
 def test_upsample_matches_interpolate_when_cells_divide():
-    m = mk.sample_masks("discrete", 3, 8, 0.5, gen())
+    m = sample("discrete", 3, 8, 0.5)
     ref = F.interpolate(m[:, None].float(), size=(224, 224), mode="nearest")[:, 0].to(torch.uint8)
     assert torch.equal(mk.upsample(m, 224, 224), ref)
-
-
-def test_block_masks_hit_target_where_they_can():
-    g, r = 8, 0.5
-    target = int(r * g * g)
-    m = mk.sample_masks("block", 200, g, r, gen(1))
-    masked = (m == 0).sum(dim=(1, 2))
-    assert (masked <= target).all()
-    assert (masked > 0).all()
-    # BEiT's generator only stops early when no rectangle fits: at g=8, r=0.5 nearly always full.
-    assert (masked == target).float().mean() > 0.8
-
-
-def test_block_masks_are_blocky():
-    """Masked cells come in rectangles: most masked cells have a masked 4-neighbour."""
-    m = mk.sample_masks("block", 100, 8, 0.5, gen(2)) == 0
-    pad = F.pad(m.float()[:, None], (1, 1, 1, 1))[:, 0]
-    nbr = pad[:, :-2, 1:-1] + pad[:, 2:, 1:-1] + pad[:, 1:-1, :-2] + pad[:, 1:-1, 2:]
-    assert ((nbr > 0) & m).sum() / m.sum() > 0.95
-
-
-def test_block_small_grid_terminates_and_may_underfill():
-    m = mk.sample_masks("block", 300, 4, 0.5, gen(3))
-    masked = (m == 0).sum(dim=(1, 2))
-    assert (masked <= 8).all()
-    lam = mk.realised_lam(m, 32, 32)
-    assert torch.allclose(lam, 1 - masked.float() / 16)
-
-
-@pytest.mark.parametrize("g,r", [(2, 0.9), (2, 0.1), (3, 0.5), (8, 0.5)])
-def test_discrete_never_all_zero_or_all_one(g, r):
-    m = mk.sample_masks("discrete", 500, g, r, gen(4))
-    s = m.sum(dim=(1, 2))
-    assert ((s > 0) & (s < g * g)).all()
-
-
-def test_discrete_ratio_statistics():
-    m = mk.sample_masks("discrete", 2000, 8, 0.3, gen(5))
-    assert (1 - m.float().mean()).item() == pytest.approx(0.3, abs=0.01)
-
-
-def test_sampler_rejects_bad_arguments():
-    with pytest.raises(ValueError):
-        mk.sample_masks("block", 1, 1, 0.5, gen())
-    with pytest.raises(ValueError):
-        mk.sample_masks("discrete", 1, 4, 1.0, gen())
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 8])
@@ -103,7 +66,7 @@ def test_mix_takes_pixels_from_the_right_source(per_sample):
     n, h, w = 5, 12, 9
     x1 = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, h, w).clone()  # image j == j
     keep = x1.clone()
-    m = mk.sample_masks("discrete", n if per_sample else 1, 4, 0.5, gen(6))
+    m = sample("discrete", n if per_sample else 1, 4, 0.5, 6)
     perm = mk.partner_permutation(n, "roll")
     mixed = mk.mix(x1, m, perm)
     assert torch.equal(x1, keep)  # x1 untouched
@@ -113,3 +76,31 @@ def test_mix_takes_pixels_from_the_right_source(per_sample):
         expect = np.where(ref == 1, j, perm[j].item())
         assert np.array_equal(mixed[j, 0].numpy(), expect)
         assert torch.equal(mixed[j, 0], mixed[j, 2])  # same mask on every channel
+
+
+@pytest.mark.skipif(kernels_for("cpu") is None, reason="numba not importable")
+@pytest.mark.parametrize("kind", ["block", "discrete"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_mixstage_routes_train_on_the_same_masks(kind, per_sample):
+    """route="torch" (plain-numpy sampler, torch mixing) and route="numba" (compiled sampler, fused
+    kernel) give the same masks, perm, lam and views for the same (seed, epoch, step, rank)."""
+    n, h, w, world = 6, 20, 13, 3
+    g = torch.Generator().manual_seed(7)
+    v1 = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=g)
+    v2 = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=g)
+    labels, index = torch.arange(n), torch.arange(n) + 100
+    for seed, epoch, step, rank in [(0, 0, 0, 0), (5, 2, 3, 1), (2 ** 40 + 3, 7, 11, 2)]:
+        out = {}
+        for route in ("torch", "numba", "auto"):
+            st = MixStage(MEAN, STD, kind=kind, grid=4, ratio=0.5, per_sample=per_sample, seed=seed, rank=rank,
+                          world=world, route=route)
+            out[route] = st(v1, v2, labels, index, epoch, step)
+        want = kernels.sample_masks(kind, n if per_sample else 1, 4, 0.5, seed, epoch, step * world + rank)
+        ref = out["numba"]
+        assert torch.equal(ref.mask, torch.from_numpy(want))
+        for route in ("torch", "auto"):
+            b = out[route]
+            assert b.mask.dtype == torch.uint8 and torch.equal(b.mask, ref.mask), (route, seed)
+            assert torch.equal(b.perm, ref.perm) and torch.equal(b.lam, ref.lam)
+            for x, y in ((b.x1, ref.x1), (b.x2, ref.x2), (b.mixed, ref.mixed)):
+                assert x.dtype == y.dtype and torch.equal(x, y), (route, seed)
