@@ -1,5 +1,5 @@
 """MixMask grid masks (Vishniakov, Xing, Shen, "MixMask: Revisiting Masking Strategy for Siamese
-ConvNets", arXiv 2210.11456), SPEC.md section 1.7.
+ConvNets", arXiv 2210.11456), docs/methods.md §2.
 
 A mask is a binary g x g grid M, upsampled nearest-neighbour to the image; the mixed view is
 

@@ -1,6 +1,6 @@
 """Fused MixMask mix + normalise + convert, CPU (numba njit, parallel) and its numpy reference.
 
-MixMask (Vishniakov, Xing, Shen, arXiv 2210.11456), SPEC.md 1.3 and 1.7: with a binary grid mask
+MixMask (Vishniakov, Xing, Shen, arXiv 2210.11456), docs/methods.md §2: with a binary grid mask
 M_j (g x g, upsampled nearest-neighbour) and a partner permutation perm,
 
     out1[j] = (v1[j] - mean) / std
@@ -9,7 +9,7 @@ M_j (g x g, upsampled nearest-neighbour) and a partner permutation perm,
 
 in float32, then rounded to the output dtype (float32, float16, or bfloat16 by round-to-nearest-
 even, bit-identical to torch's .to(torch.bfloat16)). Mixing the uint8 pixels and then normalising is
-exact because the mask is binary (SPEC 1.7); view 2 and x1 stay clean.
+exact because the mask is binary (docs/methods.md §2); view 2 and x1 stay clean.
 Upsampling is DEFINED as cell_row(y) = (y * gh) // H, cell_col(x) = (x * gw) // W (integer
 arithmetic, cells need not divide the image), the same rule as kernels.masks.realised_lam.
 

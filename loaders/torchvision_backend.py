@@ -35,7 +35,7 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 
 @dataclass(frozen=True)
 class AugParams:
-    """The MoCo v2 view recipe (SPEC.md 1.9); the same parameters drive every backend."""
+    """The MoCo v2 view recipe (docs/methods.md §6); the same parameters drive every backend."""
 
     size: int
     crop_scale: tuple[float, float] = (0.2, 1.0)

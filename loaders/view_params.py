@@ -1,5 +1,5 @@
 """Per-sample MoCo v2 view parameters for the backends whose augmentation ops take their parameters
-as inputs (DALI; FFCV next): the recipe of SPEC.md 1.9 / loaders.torchvision_backend.AugParams,
+as inputs (DALI; FFCV next): the MoCo v2 recipe (docs/methods.md §6) / loaders.torchvision_backend.AugParams,
 drawn by kernels/views.py (torchvision's RandomResizedCrop rule; every draw keyed by
 (seed, epoch, index, view)), plus the colour map of kernels/color.py for the CPU view pipeline.
 """

@@ -1,4 +1,4 @@
-"""The Batch contract: what every loader backend hands the trainer (DESIGN.md, SPEC.md 7)."""
+"""The Batch contract: what every loader backend hands the trainer (docs/methods.md §1)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 kNN (Wu et al. 2018, as in the MoCo/InstDisc monitors): features f are L2-normalised; for a query,
 the k most cosine-similar bank features vote for their labels with weight exp(s / T); top-1 of the
-summed votes. Linear probe (MoCo v2 protocol, SPEC.md 1.9): a linear classifier on the frozen pooled
+summed votes. Linear probe (MoCo v2 protocol, docs/methods.md §6): a linear classifier on the frozen pooled
 backbone features, SGD with momentum 0.9, step decay x0.1 at the milestones, cross-entropy.
 
 Loaders are iterables of (x, labels, index); with several processes each rank sees a shard padded to

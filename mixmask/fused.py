@@ -1,4 +1,4 @@
-"""uint8 NHWC views -> normalised views and the MixMask view, in one pass (SPEC.md 7).
+"""uint8 NHWC views -> normalised views and the MixMask view, in one pass (docs/methods.md §1-2).
 
     x1 = (v1 - mean) / std,   x2 = (v2 - mean) / std,
     x~_j = (select(M_j, v1_j, v1_perm[j]) - mean) / std
