@@ -1,5 +1,6 @@
 # mixmask: two commands do everything on a fresh machine.
 #   make train   set up .venv, then train MoCo v2 + MixMask on the embedded demo dataset
+#                (ARGS="model.framework=simclr|byol|simsiam|barlow_twins" for the other frameworks)
 #   make test    set up .venv, then run the test suite
 # Set-up is done once (a stamp file records it) and redone when pyproject.toml changes.
 
@@ -12,7 +13,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 NPROC  ?= 1
 
-.PHONY: setup apt train test bench bench-readme bench-kernels bench-loaders clean
+.PHONY: setup apt train test bench bench-readme bench-kernels bench-loaders bench-frameworks clean
 
 setup: $(STAMP)
 
@@ -58,6 +59,11 @@ bench-readme: setup
 
 bench-loaders: setup
 	$(PY) -m benchmarks.loaders --json bench-out/loaders.json
+
+# The demo of every framework with MixMask on and off (kNN, linear probe, img/s): README's framework table.
+SEEDS ?= 0
+bench-frameworks: setup
+	$(PY) -m benchmarks.frameworks --seeds $(SEEDS) --out bench-out/frameworks
 
 clean:
 	rm -rf runs bench-out .pytest_cache

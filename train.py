@@ -1,4 +1,4 @@
-"""mixmask: self-supervised MoCo v2 + MixMask pretraining and its evaluations.
+"""mixmask: self-supervised pretraining (MoCo v2, SimCLR, BYOL, SimSiam, Barlow Twins) with MixMask, and its evaluations.
 
     accelerate launch train.py [--config FILE ...] [section.field=value ...]        pretrain
     accelerate launch train.py linear [--config FILE ...] [eval.checkpoint=PATH ...] linear probe
@@ -6,7 +6,8 @@
     python train.py check [--config FILE ...] [data.root=DIR]    list the images the backend cannot decode
     python train.py write-beton [--overwrite] [--config FILE ...] [data.ffcv_*=...]   ImageFolder -> .beton
 
-Without --config, configs/demo.yaml is used (the embedded demo dataset). Plain ``python train.py``
+Without --config, configs/demo.yaml and configs/demo_<framework>.yaml are used (the embedded demo
+dataset; the framework from a model.framework=... override, else moco_v2). Plain ``python train.py``
 works too (one process). Outputs go to <run.out_dir>/<run.name>/ (see README.md).
 """
 
@@ -35,10 +36,10 @@ from loaders.torchvision_backend import (
     eval_transform,
     probe_train_transform,
 )
-from mixmask.config import Config, ConfigError, load_config
+from mixmask.config import Config, ConfigError, load_config, parse_cli_overrides
 from mixmask.evaluation import knn_top1, linear_probe
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+CONFIGS = Path(__file__).resolve().parent / "configs"
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 log = logging.getLogger("mixmask")
 
@@ -81,25 +82,38 @@ def data_root(cfg: Config, accelerator) -> Path:
         return ensure_demo_dataset()
 
 
+def default_configs(overrides: list[str]) -> list[Path]:
+    """The demo recipe for the framework a ``model.framework=...`` override names (else moco_v2)."""
+    framework = parse_cli_overrides(overrides).get("model", {}).get("framework", "moco_v2")
+    overlay = CONFIGS / f"demo_{framework}.yaml"
+    return [CONFIGS / "demo.yaml"] + ([overlay] if overlay.is_file() else [])
+
+
 def build_model(cfg: Config, world: int):
+    """The model.framework's model from its config section (mixmask/frameworks FRAMEWORKS)."""
     import torch.distributed as dist
 
-    from mixmask.moco import MoCoV2
+    from mixmask.frameworks import FRAMEWORKS
 
-    m = cfg.model
-    return MoCoV2(
-        m.arch, m.stem, m.dim, m.mlp_hidden, m.queue, m.momentum, m.temperature, m.shuffle_bn, m.bn_splits, cfg.run.seed,
-        group=dist.group.WORLD if world > 1 else None,
-    )
+    return FRAMEWORKS[cfg.model.framework](cfg.framework, arch=cfg.model.arch, stem=cfg.model.stem,
+                                           seed=cfg.run.seed, group=dist.group.WORLD if world > 1 else None)
+
+
+def build_optimizer(cfg: Config, model, lr: float):
+    from mixmask.optim import build_optimizer
+
+    o = cfg.optim
+    groups = model.param_groups(weight_decay=o.weight_decay, exclude_bias_bn=o.exclude_bias_bn)
+    return build_optimizer(o.optimizer, groups, lr=lr, momentum=o.momentum, lars_trust=o.lars_trust)
 
 
 def make_stage(cfg: Config, accelerator, masking: bool) -> MixStage:
-    dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
-    k = cfg.mask
+    m = cfg.mask
     return MixStage(
-        cfg.data.mean, cfg.data.std, dtype, cfg.data.channels_last, masking and k.enabled,
-        k.kind, k.grid, k.ratio, k.per_sample, k.partner, cfg.run.seed, accelerator.process_index,
-        accelerator.num_processes, k.route,
+        cfg.data.mean, cfg.data.std, dtype=DTYPES.get(accelerator.mixed_precision, torch.float32),
+        channels_last=cfg.data.channels_last, enabled=masking and m.enabled, kind=m.kind, grid=m.grid,
+        ratio=m.ratio, per_sample=m.per_sample, partner=m.partner, seed=cfg.run.seed,
+        rank=accelerator.process_index, world=accelerator.num_processes, route=m.route,
     )
 
 
@@ -230,9 +244,7 @@ def cmd_train(cfg: Config) -> dict:
     model = build_model(cfg, accelerator.num_processes)
     if cfg.data.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=d["lr"], momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
-    )
+    optimizer = build_optimizer(cfg, model, d["lr"])
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
@@ -285,7 +297,7 @@ def cmd_train(cfg: Config) -> dict:
 
 
 def load_pretrained(cfg: Config, accelerator):
-    """The MoCo model of ``eval.checkpoint`` (default: the run's latest), built from its stored config."""
+    """The model of ``eval.checkpoint`` (default: the run's latest), built from its stored config."""
     from safetensors.torch import load_file
 
     from mixmask.checkpoint import resolve_weights
@@ -293,8 +305,10 @@ def load_pretrained(cfg: Config, accelerator):
 
     weights = resolve_weights(cfg.eval.checkpoint or Path(cfg.run.out_dir) / cfg.run.name)
     stored = weights.parent / "config.json"
-    if stored.is_file():  # the architecture comes from the checkpoint, not the current config
-        apply_overrides(cfg, {"model": json.loads(stored.read_text())["config"]["model"]}, str(stored))
+    if stored.is_file():  # the framework and architecture come from the checkpoint, not the current config
+        saved = json.loads(stored.read_text())["config"]
+        framework = saved["model"]["framework"]
+        apply_overrides(cfg, {"model": saved["model"], framework: saved.get(framework, {})}, str(stored))
     model = build_model(cfg, 1)
     model.load_state_dict(load_file(str(weights)))
     return model.to(accelerator.device), weights
@@ -376,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config or [DEFAULT_CONFIG], args.overrides)
+        cfg = load_config(args.config or default_configs(args.overrides), args.overrides)
         if command == "check":
             return cmd_check(cfg)
         if command == "write-beton":

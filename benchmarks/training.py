@@ -29,10 +29,10 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _model(arch: str, size: int, device, channels_last: bool):
-    from mixmask.moco import MoCoV2
+    from mixmask.frameworks.moco_v2 import MoCoV2, MoCoV2Config
 
     stem = "small" if size <= 64 else "imagenet"
-    m = MoCoV2(arch, stem, 128, 512, 4096, 0.99, 0.2, True, 1, 0).to(device)
+    m = MoCoV2(MoCoV2Config(mlp_hidden=512, queue=4096, momentum=0.99, bn_splits=1), arch=arch, stem=stem).to(device)
     return m.to(memory_format=torch.channels_last) if channels_last else m
 
 
@@ -48,9 +48,10 @@ def time_steps(model, batches, steps: int, warmup: int, device, dtype) -> float:
             n = 0
         b = next(batches)
         with autocast:
-            out = model(b.x1, b.x2, b.mixed, b.perm, b.lam)
+            out = model(b)
         out["loss"].backward()
         opt.step()
+        model.after_step(i + 1, warmup + steps)
         opt.zero_grad(set_to_none=True)
         out["loss"].item()
         n += b.x1.shape[0]
@@ -64,7 +65,7 @@ def synthetic_batches(batch: int, size: int, device, dtype, mask: bool, channels
     g = torch.Generator().manual_seed(0)
     v1 = torch.randint(0, 256, (batch, size, size, 3), generator=g, dtype=torch.uint8).to(device)
     v2 = torch.randint(0, 256, (batch, size, size, 3), generator=g, dtype=torch.uint8).to(device)
-    stage = MixStage(MEAN, STD, dtype, channels_last, mask, grid=8 if size >= 64 else 4)
+    stage = MixStage(MEAN, STD, dtype=dtype, channels_last=channels_last, enabled=mask, grid=8 if size >= 64 else 4)
     b = stage(v1, v2, torch.zeros(batch, dtype=torch.long, device=device), None, 0, 0)
     while True:
         yield b

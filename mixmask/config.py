@@ -17,6 +17,13 @@ from typing import Any, Literal
 
 import yaml
 
+from mixmask.frameworks import FRAMEWORKS
+from mixmask.frameworks.barlow_twins import BarlowTwinsConfig
+from mixmask.frameworks.byol import BYOLConfig
+from mixmask.frameworks.moco_v2 import MoCoV2Config
+from mixmask.frameworks.simclr import SimCLRConfig
+from mixmask.frameworks.simsiam import SimSiamConfig
+
 
 class ConfigError(ValueError):
     """A bad configuration: the message names the offending key."""
@@ -56,7 +63,7 @@ class DataConfig:
 @dataclass
 class MaskConfig:
     enabled: bool = True  # False = plain MoCo v2 (no mixed view, no extra forward)
-    kind: Literal["block", "discrete"] = "block"  # grid-mask generator (SPEC 1.7)
+    kind: Literal["block", "discrete"] = "block"  # grid-mask generator (docs/methods.md §2)
     grid: int = 8  # g: the mask is g x g cells, upsampled nearest to the view size
     ratio: float = 0.5  # r: target fraction of cells filled from the partner image
     per_sample: bool = False  # False = one mask per batch (the paper), True = one per sample
@@ -66,24 +73,20 @@ class MaskConfig:
 
 @dataclass
 class ModelConfig:
-    framework: Literal["moco_v2"] = "moco_v2"
+    framework: Literal["moco_v2", "simclr", "byol", "simsiam", "barlow_twins"] = "moco_v2"  # its options: the section of that name
     arch: Literal["resnet10", "resnet18", "resnet34", "resnet50"] = "resnet18"
     stem: Literal["imagenet", "small"] = "imagenet"  # small: 3x3 stride-1 conv, no max-pool (<= 64 px)
-    dim: int = 128  # output embedding size
-    mlp_hidden: int = 0  # hidden width of the 2-layer MLP head; 0 = the backbone's feature width
-    queue: int = 65536  # K: number of negative keys
-    momentum: float = 0.999  # m: key-encoder EMA coefficient
-    temperature: float = 0.2  # T in the InfoNCE logits
-    shuffle_bn: bool = True  # shuffle keys across processes before the key encoder (MoCo)
-    bn_splits: int = 1  # one process: emulate this many processes for BN (shuffle-BN); see mixmask/moco.py
 
 
 @dataclass
 class OptimConfig:
     epochs: int = 200
+    optimizer: Literal["sgd", "lars"] = "sgd"  # mixmask/optim.py OPTIMIZERS; lars: timm's LARS (SimCLR, BYOL, Barlow Twins recipes)
     lr: float = 0.03  # base learning rate for a global batch of 256 (linearly scaled)
-    momentum: float = 0.9  # SGD momentum
+    momentum: float = 0.9  # SGD/LARS momentum
     weight_decay: float = 1e-4
+    exclude_bias_bn: bool = False  # biases and norm weights without weight decay (and, with LARS, adaptation)
+    lars_trust: float = 0.001  # LARS trust coefficient eta
     warmup_epochs: float = 0.0  # linear warm-up before the cosine decay
     grad_accum: int = 1  # micro-batches per optimizer step
 
@@ -108,7 +111,7 @@ class RunConfig:
 @dataclass
 class EvalConfig:
     checkpoint: str = ""  # checkpoint directory or model.safetensors; "" = the run's last checkpoint
-    epochs: int = 100  # linear probe epochs (SPEC 1.9)
+    epochs: int = 100  # linear probe epochs (MoCo v2 protocol, docs/methods.md §6)
     lr: float = 30.0  # linear probe SGD learning rate
     batch_size: int = 256
     weight_decay: float = 0.0
@@ -124,6 +127,17 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # one section per framework (model.framework picks one; setting a key of another is an error)
+    moco_v2: MoCoV2Config = field(default_factory=MoCoV2Config)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
+    simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
+    barlow_twins: BarlowTwinsConfig = field(default_factory=BarlowTwinsConfig)
+
+    @property
+    def framework(self) -> Any:
+        """The section of the selected framework."""
+        return getattr(self, self.model.framework)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -175,11 +189,12 @@ def _section_types(section: Any) -> dict[str, Any]:
     return typing.get_type_hints(type(section))
 
 
-def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> None:
-    """Apply a nested ``{section: {field: value}}`` mapping onto ``cfg`` in place."""
+def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> set[str]:
+    """Apply a nested ``{section: {field: value}}`` mapping onto ``cfg`` in place; return the keys set."""
     if not isinstance(overrides, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(overrides).__name__}")
     sections = {f.name for f in dataclasses.fields(cfg)}
+    done = set()
     for name, values in overrides.items():
         if name not in sections:
             raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(sorted(sections))})")
@@ -193,6 +208,8 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> None
                     f"{source}: unknown key '{name}.{key}' (known: {', '.join(sorted(hints))})"
                 )
             setattr(section, key, _check_value(f"{name}.{key}", value, hints[key]))
+            done.add(f"{name}.{key}")
+    return done
 
 
 def parse_cli_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -214,6 +231,7 @@ def parse_cli_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
     """Defaults, then each YAML file in order, then ``section.field=value`` overrides."""
     cfg = Config()
+    keys: set[str] = set()
     for path in files:
         path = Path(path)
         if not path.is_file():
@@ -222,14 +240,20 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        apply_overrides(cfg, data, str(path))
-    apply_overrides(cfg, parse_cli_overrides(list(overrides)), "command line")
-    validate(cfg)
+        keys |= apply_overrides(cfg, data, str(path))
+    keys |= apply_overrides(cfg, parse_cli_overrides(list(overrides)), "command line")
+    validate(cfg, keys)
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Range checks that types alone cannot express."""
+def validate(cfg: Config, keys: set[str] = frozenset()) -> None:
+    """Range checks that types alone cannot express; ``keys`` (section.field set by files or the command
+    line) must not belong to the section of a framework that model.framework does not select."""
+    for key in sorted(keys):
+        section = key.split(".")[0]
+        if section in FRAMEWORKS and section != cfg.model.framework:
+            raise ConfigError(f"{key} is set, but model.framework is {cfg.model.framework!r}: "
+                              f"remove it or select model.framework={section}")
     checks = [
         (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
         (cfg.data.batch_size >= 2, "data.batch_size must be >= 2 (MixMask needs a partner image)"),
@@ -244,9 +268,7 @@ def validate(cfg: Config) -> None:
         (all(s > 0 for s in cfg.data.std), "data.std must be positive"),
         (cfg.mask.grid >= 2, "mask.grid must be >= 2"),
         (0 < cfg.mask.ratio < 1, "mask.ratio must be in (0, 1)"),
-        (cfg.model.queue >= 1, "model.queue must be >= 1"),
-        (0 <= cfg.model.momentum < 1, "model.momentum must be in [0, 1)"),
-        (cfg.model.temperature > 0, "model.temperature must be > 0"),
+        *((False, f"{cfg.model.framework}.{problem}") for problem in cfg.framework.problems()),
         (cfg.optim.epochs >= 1, "optim.epochs must be >= 1"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.grad_accum >= 1, "optim.grad_accum must be >= 1"),

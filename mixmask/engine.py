@@ -1,6 +1,12 @@
-"""The training engine: any iterable of Batch -> a trained Siamese model, driven by Accelerate.
+"""The training engine: any iterable of Batch -> a trained self-supervised model, driven by Accelerate.
 
-One optimizer step = ``grad_accum`` micro-batches (gradients synchronised on the last one only).
+The model is any framework of mixmask/frameworks (the engine calls only its interface: ``model(batch)``
+-> {"loss", parts...}, ``after_step``). One optimizer step (``train_step``) = ``grad_accum``
+micro-batches (gradients synchronised on the last one only), then the framework's momentum/EMA update,
+once. Parameter groups may carry ``lr_scale`` (lr = scale x the scheduled lr) and ``fixed_lr`` (never
+decayed). The steady-state step never waits for the device: losses are summed on the device and read
+(with the non-finite check) only at log steps; with several processes the stop-signal all-reduce also
+runs only at log steps.
 Learning rate: linear warm-up then cosine decay to 0, computed from the optimizer step alone
 (``cosine_lr``), so it is exact on resume and needs no scheduler state. Checkpoints every
 ``checkpoint_every`` steps and at each epoch end hold everything needed to continue bit-for-bit:
@@ -23,7 +29,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,6 +89,69 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float) ->
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, base_lr: float) -> None:
+    """Each group's lr: its lr_scale x the scheduled lr (x base_lr for a fixed_lr group)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("lr_scale", 1.0) * (base_lr if group.get("fixed_lr") else lr)
+
+
+def train_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               batches: Iterator, grad_accum: int = 1) -> tuple[dict[str, torch.Tensor], int]:
+    """One optimizer step; returns the step's outputs (detached, on the device: no sync) and its images."""
+    parts: dict[str, torch.Tensor] = {}
+    images = 0
+    for micro in range(grad_accum):
+        b = next(batches)
+        with nullcontext() if micro == grad_accum - 1 else accelerator.no_sync(model):
+            out = model(b)
+            accelerator.backward(out["loss"] / grad_accum)
+        for k, v in out.items():
+            parts[k] = parts.get(k, 0.0) + v.detach().float() / grad_accum
+        images += b.size * accelerator.num_processes
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return parts, images
+
+
+class Meter:
+    """Sums step outputs on the device between log steps; ``read`` syncs once and checks finiteness."""
+
+    def __init__(self, start: int, warm: int):
+        self.warm, self.timed_images, self.timed_seconds = warm, 0, 0.0  # windows from step warm + 1 are timed
+        self.train_seconds = 0.0  # every window: the wall time of training steps alone
+        self.restart(start)
+
+    def restart(self, step: int) -> None:
+        self.sums, self.steps, self.first = {}, 0, step + 1
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.images, self.t0 = 0, time.perf_counter()
+
+    def pause(self) -> None:
+        """Count the window's time so far as training time, then time afresh (what follows is not training)."""
+        self.train_seconds += time.perf_counter() - self.t0
+        self.restart_clock()
+
+    def add(self, parts: dict[str, torch.Tensor], images: int) -> None:
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps, self.images = self.steps + 1, self.images + images
+
+    def read(self, step: int) -> dict[str, float]:
+        means = dict(zip(self.sums, torch.stack(list(self.sums.values())).div(self.steps).tolist()))
+        if not math.isfinite(means["loss"]):
+            raise FloatingPointError(f"loss is {means['loss']} at a step in {self.first}..{step}; "
+                                     "lower optim.lr or check the data")
+        dt = time.perf_counter() - self.t0
+        self.train_seconds += dt
+        if self.first > self.warm:
+            self.timed_images, self.timed_seconds = self.timed_images + self.images, self.timed_seconds + dt
+        means["images_per_sec"] = self.images / dt
+        self.restart(step)
+        return means
+
+
 def fit(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -110,31 +179,24 @@ def fit(
         raise ValueError(f"{len(loader)} batches per epoch cannot make one step of {grad_accum} micro-batches")
     total_steps = epochs * steps_per_epoch
     end_step = min(total_steps, max_steps) if max_steps else total_steps
-    warm = max(2, end_step // 20)  # steps excluded from the steady-state throughput
-    start_step = state.step
-    metrics_path = run_dir / "metrics.jsonl"
-    bar = tqdm(
-        total=end_step, initial=state.step, desc="train", unit="step",
-        disable=not (progress and accelerator.is_main_process), dynamic_ncols=True,
-    )
-    timed_images = 0
-    timed_seconds = 0.0
-    last_loss = float("nan")
+    start_step, net = state.step, accelerator.unwrap_model(model)
+    meter, stop, last = Meter(start_step, warm=start_step + max(2, (end_step - start_step) // 20)), StopOnSignal(), {}
+    bar = tqdm(total=end_step, initial=state.step, desc="train", unit="step",
+               disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
 
     def log(values: dict) -> None:
         accelerator.log(values, step=state.step)
         if accelerator.is_main_process:
-            with metrics_path.open("a") as f:
+            with (run_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps({"step": state.step, "epoch": state.epoch, **values}) + "\n")
 
     def checkpoint() -> None:
         save_checkpoint(accelerator, run_dir, state.step, config, keep_checkpoints)
+        meter.restart_clock()  # checkpoint (and monitor) time is not training time
 
-    stop = StopOnSignal()
-
-    def stop_requested() -> bool:
-        if accelerator.num_processes == 1:
-            return stop.requested
+    def stop_requested(at_log: bool) -> bool:
+        if accelerator.num_processes == 1 or not at_log:  # one cheap all-reduce per log step
+            return stop.requested if accelerator.num_processes == 1 else False
         flag = torch.tensor([float(stop.requested)], device=accelerator.device)
         stop.requested = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
         return stop.requested
@@ -145,44 +207,29 @@ def fit(
             loader.set_epoch(state.epoch, state.step_in_epoch * grad_accum)
             batches = iter(loader)
             while state.step_in_epoch < steps_per_epoch and state.step < end_step:
-                t0 = time.perf_counter()
                 lr = cosine_lr(state.step, total_steps, warmup_steps, base_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images = 0
-                for micro in range(grad_accum):
-                    b = next(batches)
-                    sync = micro == grad_accum - 1
-                    with nullcontext() if sync else accelerator.no_sync(model):
-                        out = model(b.x1, b.x2, b.mixed, b.perm, b.lam)
-                        accelerator.backward(out["loss"] / grad_accum)
-                    images += b.size * accelerator.num_processes
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.step_in_epoch += 1
-                last_loss = out["loss"].item()  # also synchronises the device: honest step timing
-                if not math.isfinite(last_loss):
-                    raise FloatingPointError(f"loss is {last_loss} at step {state.step}; lower optim.lr or check the data")
-                dt = time.perf_counter() - t0
-                if state.step - start_step > warm:
-                    timed_images += images
-                    timed_seconds += dt
-                if state.step % log_every == 0 or state.step == end_step or state.step - start_step <= 3:
-                    values = {"loss": last_loss, "lr": lr, "images_per_sec": images / dt}
-                    values.update({k: v.item() for k, v in out.items() if k != "loss"})
-                    log(values)
-                bar.set_postfix(epoch=state.epoch, loss=f"{last_loss:.3f}", img_s=f"{images / dt:.0f}")
+                set_lr(optimizer, lr, base_lr)
+                parts, images = train_step(accelerator, model, optimizer, batches, grad_accum)
+                state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
+                net.after_step(state.step, total_steps)
+                meter.add(parts, images)
+                at_log = state.step % log_every == 0 or state.step == end_step or state.step - start_step <= 3
+                stopping = stop_requested(at_log)
+                if at_log or stopping:
+                    last = {**meter.read(state.step), "lr": lr}
+                    log(last)
+                    bar.set_postfix(epoch=state.epoch, loss=f"{last['loss']:.3f}", img_s=f"{last['images_per_sec']:.0f}")
                 bar.update(1)
-                if stop_requested():
+                if stopping:
                     break
                 if checkpoint_every and state.step % checkpoint_every == 0 and state.step_in_epoch < steps_per_epoch:
+                    meter.pause()
                     checkpoint()
+            meter.pause()
             if state.step_in_epoch == steps_per_epoch:
-                state.epoch += 1
-                state.step_in_epoch = 0
-                due = monitor is not None and monitor_every and state.epoch % monitor_every == 0
-                if due and state.epoch < epochs and not stop.requested:
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                if monitor is not None and monitor_every and state.epoch % monitor_every == 0 \
+                        and state.epoch < epochs and not stop.requested:
                     state.knn_last = monitor()
                     model.train()
                     log({"knn_top1": state.knn_last})
@@ -194,8 +241,9 @@ def fit(
     return {
         "steps": state.step,
         "steps_per_epoch": steps_per_epoch,
-        "loss_final": last_loss,
-        "images_per_sec": timed_images / timed_seconds if timed_seconds else float("nan"),
+        "loss_final": last.get("loss", float("nan")),
+        "images_per_sec": meter.timed_images / meter.timed_seconds if meter.timed_seconds else float("nan"),
+        "train_seconds": meter.train_seconds,  # training steps only (no kNN monitors, checkpoints, start-up)
         "bad_files": len(getattr(loader, "bad_files", ())),
         "interrupted": stop.signum,  # 0, or the signal that stopped the run
     }

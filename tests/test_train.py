@@ -33,9 +33,9 @@ def test_smoke_three_steps_and_checkpoint_round_trip(tiny_data, tmp_path):
     state = load_file(str(ckpt / "model.safetensors"))
     assert state["queue"].shape == (128, 64)
     # the stored weights build the same model again (the eval commands rely on it)
-    from mixmask.moco import MoCoV2
+    from mixmask.frameworks.moco_v2 import MoCoV2, MoCoV2Config
 
-    model = MoCoV2("resnet10", "imagenet", 128, 64, 64)
+    model = MoCoV2(MoCoV2Config(dim=128, mlp_hidden=64, queue=64), arch="resnet10")
     model.load_state_dict(state)
     assert torch.equal(model.queue, state["queue"])
     assert not any(p.name.startswith(".tmp") for p in run.iterdir())

@@ -15,7 +15,7 @@ def test_defaults_and_overrides(tmp_path):
     cfg = load_config([f], ["optim.lr=0.2", "mask.enabled=false", "data.crop_scale=[0.3, 0.9]"])
     assert cfg.optim.lr == 0.2 and cfg.mask.grid == 4 and cfg.mask.enabled is False
     assert cfg.data.crop_scale == (0.3, 0.9)
-    assert cfg.model.queue == Config().model.queue
+    assert cfg.moco_v2.queue == Config().moco_v2.queue
 
 
 def test_int_accepted_for_float():
@@ -63,3 +63,38 @@ def test_plain_moco_recipe_only_turns_masking_off():
     plain = load_config([CONFIGS / "imagenet_mocov2_mixmask_200ep.yaml", CONFIGS / "imagenet_mocov2_200ep.yaml"])
     assert mix.mask.enabled and not plain.mask.enabled
     assert (mix.model, mix.optim, mix.data) == (plain.model, plain.optim, plain.data)
+
+
+def test_unknown_framework_lists_the_choices():
+    with pytest.raises(ConfigError, match=r"model\.framework: 'mocov3' is not one of .*'simclr'.*'barlow_twins'"):
+        load_config([], ["model.framework=mocov3"])
+
+
+@pytest.mark.parametrize("where", ["cli", "yaml"])
+def test_key_of_an_unselected_framework_names_itself(tmp_path, where):
+    if where == "cli":
+        args = ([], ["model.framework=byol", "simclr.temperature=0.3"])
+    else:
+        f = tmp_path / "r.yaml"
+        f.write_text("model:\n  framework: byol\nsimclr:\n  temperature: 0.3\n")
+        args = ([f], [])
+    with pytest.raises(ConfigError, match=r"simclr\.temperature is set, but model\.framework is 'byol'"):
+        load_config(*args)
+
+
+def test_selected_framework_section_is_used():
+    cfg = load_config([], ["model.framework=simclr", "simclr.temperature=0.3"])
+    assert cfg.framework is cfg.simclr and cfg.simclr.temperature == 0.3
+
+
+def test_framework_section_range_checks_name_the_key():
+    with pytest.raises(ConfigError, match=r"byol\.momentum must be in \[0, 1\)"):
+        load_config([], ["model.framework=byol", "byol.momentum=1.0"])
+
+
+@pytest.mark.parametrize("framework", ["moco_v2", "simclr", "byol", "simsiam", "barlow_twins"])
+def test_each_framework_has_a_demo_overlay_and_an_imagenet_recipe(framework):
+    demo = load_config([CONFIGS / "demo.yaml", CONFIGS / f"demo_{framework}.yaml"])
+    assert demo.model.framework == framework and demo.data.root == ""
+    imagenet = load_config(sorted(CONFIGS.glob(f"imagenet_{framework.replace('moco_v2', 'mocov2')}_mixmask_200ep.yaml")))
+    assert imagenet.model.framework == framework and imagenet.model.arch == "resnet50" and imagenet.optim.epochs == 200

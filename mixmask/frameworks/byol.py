@@ -1,0 +1,71 @@
+"""BYOL with MixMask (Grill et al. 2020, arXiv 2006.07733). docs/methods.md §4.3.
+
+    p1, p2 = q(g(f(x1))), q(g(f(x2)))                  # online: backbone f, projector g, predictor q
+    z1, z2 = g'(f'(x1)), g'(f'(x2))                    # target network, no gradient
+    l(p, z) = 2 - 2 cos(p, z)
+    L_j = l(p1_j, z2_j) + l(p2_j, z1_j)                # symmetric
+        + lam_j l(p~_j, z2_j) + (1 - lam_j) l(p~_j, z2_perm[j])   # p~ = q(g(f(x~))): the mixed view
+                                                        # regresses onto both sources' targets
+    after each optimizer step k of K:  theta' <- tau theta' + (1 - tau) theta,
+        tau = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mixmask.batch import Batch
+from mixmask.frameworks.base import Framework, ema_, frozen_copy
+from mixmask.losses import area_credited, normalized_mse
+from mixmask.models import Arch, Backbone, Encoder, Stem, mlp
+
+
+@dataclass
+class BYOLConfig:
+    dim: int = 256  # projection size
+    mlp_hidden: int = 4096  # projector and predictor hidden width
+    momentum: float = 0.996  # tau_base: the target EMA starts here and rises to 1 on a cosine
+
+    def problems(self) -> list[str]:
+        return [m for ok, m in [(self.dim >= 1, "dim must be >= 1"), (self.mlp_hidden >= 1, "mlp_hidden must be >= 1"),
+                                (0 <= self.momentum < 1, "momentum must be in [0, 1)")] if not ok]
+
+
+class BYOL(Framework):
+    Config = BYOLConfig
+
+    def __init__(self, cfg: BYOLConfig = BYOLConfig(), *, arch: Arch = "resnet50", stem: Stem = "imagenet",
+                 seed: int = 0, group=None):
+        super().__init__()
+        self.cfg = cfg
+        backbone = Backbone(arch, stem)
+        self.online = Encoder(backbone, mlp([backbone.width, cfg.mlp_hidden, cfg.dim]))
+        self.predictor = mlp([cfg.dim, cfg.mlp_hidden, cfg.dim])
+        self.target = frozen_copy(self.online)
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.online.backbone
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        p1, p2 = self.predictor(self.online(batch.x1)), self.predictor(self.online(batch.x2))  # (N, D)
+        with torch.no_grad():
+            z1, z2 = self.target(batch.x1), self.target(batch.x2)  # (N, D)
+        loss = normalized_mse(p1, z2) + normalized_mse(p2, z1)  # (N,)
+        out = {"loss_clean": loss.mean()}
+        if batch.mixed is not None:
+            p_mix = self.predictor(self.online(batch.mixed))  # (N, D)
+            mixed = area_credited(normalized_mse, p_mix, z2, batch.perm, batch.lam)
+            out["loss_mix"] = mixed.mean()
+            loss = loss + mixed
+        out["loss"] = loss.mean()
+        return out
+
+    def tau(self, step: int, total_steps: int) -> float:
+        return 1.0 - (1.0 - self.cfg.momentum) * (math.cos(math.pi * step / max(1, total_steps)) + 1.0) / 2.0
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        ema_(list(self.target.parameters()), list(self.online.parameters()), self.tau(step, total_steps))
