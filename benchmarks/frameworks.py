@@ -1,0 +1,106 @@
+"""The demo for every framework with MixMask on and off: kNN before/after, linear probe, img/s, train time.
+
+    python -m benchmarks.frameworks [--frameworks moco_v2,simclr,...] [--masking on,off] [--seeds 0,1,2]
+                                    [--out bench-out/frameworks] [section.field=value ...]
+    make bench-frameworks
+
+Each cell is ``train.py model.framework=F mask.enabled=... run.seed=S`` on the demo recipe (configs/demo.yaml
++ configs/demo_F.yaml, exactly what ``make train ARGS="model.framework=F"`` runs), then
+``train.py linear eval.augment=false`` on its checkpoint (cached centre-crop features, 100 epochs).
+Finished runs (summary.json + linear.json present) are not redone, so an interrupted command resumes.
+Prints a table (mean +- std over the seeds where there are several) and writes OUT/frameworks.json
+(machine, every run's figures) and OUT/frameworks.md (the README table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks import machine
+
+REPO = Path(__file__).resolve().parents[1]
+FIGURES = ("knn_top1_init", "knn_top1", "linear_top1", "images_per_sec", "train_seconds")
+
+
+def run_cell(out: Path, framework: str, masking: bool, seed: int, extra: list[str]) -> dict:
+    """Train + linear-probe one (framework, masking, seed) unless already done; return its figures."""
+    name = f"{framework}_{'mixmask' if masking else 'plain'}_s{seed}"
+    run_dir = out / "runs" / name
+    common = [f"model.framework={framework}", f"run.out_dir={out / 'runs'}", f"run.name={name}", "run.progress=false", *extra]
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        print(f"training {name} ...", flush=True)
+        subprocess.run([sys.executable, str(REPO / "train.py"), *common, f"mask.enabled={str(masking).lower()}",
+                        f"run.seed={seed}"], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    s = json.loads(summary.read_text())
+    ckpt = run_dir / (run_dir / "latest").read_text().strip()
+    if not (ckpt / "linear.json").is_file():
+        subprocess.run([sys.executable, str(REPO / "train.py"), "linear", *common, "eval.augment=false"],
+                       check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    linear = json.loads((ckpt / "linear.json").read_text())
+    return {"run": name, "framework": framework, "mixmask": masking, "seed": seed, "epochs": s["epochs"],
+            "knn_top1_init": s["knn_top1_init"], "knn_top1": s["knn_top1"], "linear_top1": linear["top1"],
+            "images_per_sec": s["images_per_sec"], "train_seconds": s["train_seconds"],
+            "wall_seconds": s["wall_seconds"]}
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per (framework, masking): mean and std (0 for a single seed) of every figure."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["framework"], r["mixmask"]), []).append(r)
+    out = []
+    for (framework, masking), rs in cells.items():
+        row = {"framework": framework, "mixmask": masking, "seeds": [r["seed"] for r in rs]}
+        for f in FIGURES:
+            values = [r[f] for r in rs]
+            row[f] = statistics.mean(values)
+            row[f + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(row)
+    return out
+
+
+def markdown(table: list[dict], facts: dict) -> str:
+    def fmt(r, f, digits=1):
+        return f"{r[f]:.{digits}f}" + (f" ± {r[f + '_std']:.{digits}f}" if len(r["seeds"]) > 1 else "")
+
+    lines = [f"`python -m benchmarks.frameworks` on {facts['date'][:10]}, {facts['cores']} cores {facts['cpu']}, "
+             f"{'GPU ' + facts['gpu'] if facts['gpu'] else 'no GPU'}, torch {facts['torch']}; seeds "
+             f"{sorted({s for r in table for s in r['seeds']})} (mean ± std where several).", "",
+             "| framework | MixMask | kNN before | kNN after | gain | linear probe | train img/s | training s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        lines.append(f"| {r['framework']} | {'on' if r['mixmask'] else 'off'} | {fmt(r, 'knn_top1_init')} | "
+                     f"{fmt(r, 'knn_top1')} | {r['knn_top1'] - r['knn_top1_init']:+.1f} | {fmt(r, 'linear_top1')} | "
+                     f"{fmt(r, 'images_per_sec', 0)} | {fmt(r, 'train_seconds', 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--frameworks", default="moco_v2,simclr,byol,simsiam,barlow_twins")
+    ap.add_argument("--masking", default="on,off", help="on, off or both")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--out", default="bench-out/frameworks")
+    ap.add_argument("overrides", nargs="*", help="section.field=value passed to every run")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [run_cell(out, f, m == "on", int(s), a.overrides) for f in a.frameworks.split(",")
+            for m in a.masking.split(",") for s in a.seeds.split(",")]
+    table, facts = aggregate(rows), machine()
+    md = markdown(table, facts)
+    print(md)
+    (out / "frameworks.md").write_text(md)
+    (out / "frameworks.json").write_text(json.dumps({"machine": facts, "args": vars(a), "runs": rows,
+                                                     "table": table}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
