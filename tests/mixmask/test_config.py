@@ -22,6 +22,13 @@ def test_int_accepted_for_float():
     assert load_config([], ["optim.lr=1"]).optim.lr == 1.0
 
 
+def test_exponent_without_a_dot_is_a_number():
+    """YAML 1.1 reads 5e-4 as a string; a float key takes it as the number it spells."""
+    assert load_config([], ["optim.weight_decay=5e-4"]).optim.weight_decay == 5e-4
+    with pytest.raises(ConfigError, match=r"optim\.weight_decay: expected a number"):
+        load_config([], ["optim.weight_decay=five"])
+
+
 @pytest.mark.parametrize(
     "override, needle",
     [
