@@ -63,7 +63,7 @@ bench-loaders: setup
 # The demo of every framework with MixMask on and off (kNN, linear probe, img/s): README's framework table.
 SEEDS ?= 0
 bench-frameworks: setup
-	$(PY) -m benchmarks.frameworks --seeds $(SEEDS) --out bench-out/frameworks
+	$(PY) -m benchmarks.frameworks --seeds $(SEEDS) --out bench-out/frameworks --readme README.md
 
 clean:
 	rm -rf runs bench-out .pytest_cache

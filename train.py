@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -99,7 +98,8 @@ def build_model(cfg: Config, world: int):
                                            seed=cfg.run.seed, group=dist.group.WORLD if world > 1 else None)
 
 
-def build_optimizer(cfg: Config, model, lr: float):
+def make_optimizer(cfg: Config, model, lr: float):
+    """The optim.optimizer over the framework's parameter groups (biases/BN excluded when asked)."""
     from mixmask.optim import build_optimizer
 
     o = cfg.optim
@@ -148,11 +148,11 @@ def knn_monitor(cfg: Config, model, accelerator, root: Path):
     query = eval_loader(cfg, accelerator, root, "val")
     num_classes = len(bank.classes)
 
-    def run() -> float:
-        return knn_top1(
+    def run() -> dict[str, float]:
+        return {"knn_top1": knn_top1(
             features_fn(model, accelerator), bank, query, num_classes, cfg.run.knn_k, cfg.run.knn_t,
             gather=accelerator.gather, progress=cfg.run.progress and accelerator.is_main_process,
-        )
+        )}
 
     return run
 
@@ -244,7 +244,7 @@ def cmd_train(cfg: Config) -> dict:
     model = build_model(cfg, accelerator.num_processes)
     if cfg.data.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model, d["lr"])
+    optimizer = make_optimizer(cfg, model, d["lr"])
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
@@ -260,9 +260,10 @@ def cmd_train(cfg: Config) -> dict:
             for s, sec in cfg.to_dict().items() for k, v in sec.items()}
     accelerator.init_trackers("tb", config=flat)
     monitor = knn_monitor(cfg, model, accelerator, root)
-    if math.isnan(state.knn_init):
-        state.knn_init = monitor()
-        log.info("kNN top-1 before training: %.2f%%", state.knn_init)
+    if "knn_top1_init" not in state.monitors:
+        state.monitors["knn_top1_init"] = monitor()["knn_top1"]
+        log.info("kNN top-1 before training: %.2f%%", state.monitors["knn_top1_init"])
+    knn_init = state.monitors["knn_top1_init"]
     facts = fit(
         accelerator, model, optimizer, loader, state, run_dir=run_dir, config=resolved,
         epochs=cfg.optim.epochs, base_lr=d["lr"], warmup_steps=d["warmup_steps"], grad_accum=cfg.optim.grad_accum,
@@ -276,13 +277,13 @@ def cmd_train(cfg: Config) -> dict:
                   "run the same command again to resume", file=sys.stderr)
         accelerator.end_training()
         raise SystemExit(128 + facts["interrupted"])
-    knn_final = monitor()
+    knn_final = monitor()["knn_top1"]
     accelerator.log({"knn_top1": knn_final}, step=state.step)
     summary = {
         "epochs": state.epoch,
         **facts,
         "knn_top1": knn_final,
-        "knn_top1_init": state.knn_init,
+        "knn_top1_init": knn_init,
         "wall_seconds": time.perf_counter() - started,
         **resolved,
     }
@@ -290,7 +291,7 @@ def cmd_train(cfg: Config) -> dict:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(
             f"done: {state.epoch} epochs, {state.step} steps, {facts['images_per_sec']:.0f} img/s, "
-            f"kNN top-1 {state.knn_init:.2f}% -> {knn_final:.2f}%  ({run_dir / 'summary.json'})"
+            f"kNN top-1 {knn_init:.2f}% -> {knn_final:.2f}%  ({run_dir / 'summary.json'})"
         )
     accelerator.end_training()
     return summary
@@ -323,7 +324,7 @@ def cmd_eval(cfg: Config, kind: str) -> dict:
     progress = cfg.run.progress and accelerator.is_main_process
     if kind == "knn":
         monitor = knn_monitor(cfg, model, accelerator, root)
-        result = {"knn_top1": monitor(), "k": cfg.run.knn_k, "t": cfg.run.knn_t}
+        result = {**monitor(), "k": cfg.run.knn_k, "t": cfg.run.knn_t}
     else:
         e = cfg.eval
         train = eval_loader(

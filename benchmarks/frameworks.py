@@ -1,8 +1,8 @@
 """The demo for every framework with MixMask on and off: kNN before/after, linear probe, img/s, train time.
 
     python -m benchmarks.frameworks [--frameworks moco_v2,simclr,...] [--masking on,off] [--seeds 0,1,2]
-                                    [--out bench-out/frameworks] [section.field=value ...]
-    make bench-frameworks
+                                    [--out bench-out/frameworks] [--readme README.md] [section.field=value ...]
+    make bench-frameworks            (SEEDS=0,1,2 for three seeds; writes the table into README.md)
 
 Each cell is ``train.py model.framework=F mask.enabled=... run.seed=S`` on the demo recipe (configs/demo.yaml
 + configs/demo_F.yaml, exactly what ``make train ARGS="model.framework=F"`` runs), then
@@ -24,7 +24,17 @@ from pathlib import Path
 from benchmarks import machine
 
 REPO = Path(__file__).resolve().parents[1]
+MARKERS = ("<!-- frameworks:start -->", "<!-- frameworks:end -->")
 FIGURES = ("knn_top1_init", "knn_top1", "linear_top1", "images_per_sec", "train_seconds")
+
+
+def run_logged(log: Path, *args: str) -> None:
+    """Run a repository script with its output in ``log``; on failure, raise with the log's tail."""
+    with log.open("w") as f:
+        code = subprocess.run([sys.executable, *args], cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code:
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise SystemExit(f"error: {' '.join(args[:2])} failed ({code}), see {log}:\n{tail}")
 
 
 def run_cell(out: Path, framework: str, masking: bool, seed: int, extra: list[str]) -> dict:
@@ -35,13 +45,12 @@ def run_cell(out: Path, framework: str, masking: bool, seed: int, extra: list[st
     summary = run_dir / "summary.json"
     if not summary.is_file():
         print(f"training {name} ...", flush=True)
-        subprocess.run([sys.executable, str(REPO / "train.py"), *common, f"mask.enabled={str(masking).lower()}",
-                        f"run.seed={seed}"], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+        run_logged(out / "runs" / f"{name}.log", "train.py", *common, f"mask.enabled={str(masking).lower()}",
+                   f"run.seed={seed}")
     s = json.loads(summary.read_text())
     ckpt = run_dir / (run_dir / "latest").read_text().strip()
     if not (ckpt / "linear.json").is_file():
-        subprocess.run([sys.executable, str(REPO / "train.py"), "linear", *common, "eval.augment=false"],
-                       check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+        run_logged(out / "runs" / f"{name}.linear.log", "train.py", "linear", *common, "eval.augment=false")
     linear = json.loads((ckpt / "linear.json").read_text())
     return {"run": name, "framework": framework, "mixmask": masking, "seed": seed, "epochs": s["epochs"],
             "knn_top1_init": s["knn_top1_init"], "knn_top1": s["knn_top1"], "linear_top1": linear["top1"],
@@ -87,16 +96,21 @@ def main(argv=None) -> int:
     ap.add_argument("--masking", default="on,off", help="on, off or both")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--out", default="bench-out/frameworks")
+    ap.add_argument("--readme", default="", help="put the table between README's frameworks markers")
     ap.add_argument("overrides", nargs="*", help="section.field=value passed to every run")
     a = ap.parse_args(argv)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
     rows = [run_cell(out, f, m == "on", int(s), a.overrides) for f in a.frameworks.split(",")
             for m in a.masking.split(",") for s in a.seeds.split(",")]
     table, facts = aggregate(rows), machine()
     md = markdown(table, facts)
     print(md)
     (out / "frameworks.md").write_text(md)
+    if a.readme:
+        readme = Path(a.readme).read_text()
+        start, end = readme.index(MARKERS[0]) + len(MARKERS[0]), readme.index(MARKERS[1])
+        Path(a.readme).write_text(readme[:start] + "\n" + md + readme[end:])
     (out / "frameworks.json").write_text(json.dumps({"machine": facts, "args": vars(a), "runs": rows,
                                                      "table": table}, indent=2))
     return 0

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,8 +48,7 @@ class TrainState:
     epoch: int = 0  # current epoch (0-based)
     step: int = 0  # optimizer steps done in total
     step_in_epoch: int = 0  # optimizer steps done in the current epoch
-    knn_init: float = float("nan")  # kNN top-1 of the network before training
-    knn_last: float = float("nan")  # latest kNN top-1
+    monitors: dict = field(default_factory=dict)  # the caller's monitor values (e.g. before training, latest)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -169,7 +168,7 @@ def fit(
     keep_checkpoints: int = 2,
     max_steps: int = 0,
     log_every: int = 10,
-    monitor: Callable[[], float] | None = None,
+    monitor: Callable[[], dict[str, float]] | None = None,
     monitor_every: int = 1,
     progress: bool = True,
 ) -> dict:
@@ -230,10 +229,11 @@ def fit(
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
                 if monitor is not None and monitor_every and state.epoch % monitor_every == 0 \
                         and state.epoch < epochs and not stop.requested:
-                    state.knn_last = monitor()
+                    values = monitor()
                     model.train()
-                    log({"knn_top1": state.knn_last})
-                    bar.write(f"epoch {state.epoch}: kNN top-1 {state.knn_last:.2f}%")
+                    state.monitors.update(values)
+                    log(values)
+                    bar.write(f"epoch {state.epoch}: " + ", ".join(f"{k} {v:.2f}" for k, v in values.items()))
             checkpoint()
             if stop.requested:
                 break
@@ -243,7 +243,7 @@ def fit(
         "steps_per_epoch": steps_per_epoch,
         "loss_final": last.get("loss", float("nan")),
         "images_per_sec": meter.timed_images / meter.timed_seconds if meter.timed_seconds else float("nan"),
-        "train_seconds": meter.train_seconds,  # training steps only (no kNN monitors, checkpoints, start-up)
+        "train_seconds": meter.train_seconds,  # training steps only (no monitors, checkpoints, start-up)
         "bad_files": len(getattr(loader, "bad_files", ())),
         "interrupted": stop.signum,  # 0, or the signal that stopped the run
     }
