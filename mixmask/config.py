@@ -62,7 +62,7 @@ class DataConfig:
 
 @dataclass
 class MaskConfig:
-    enabled: bool = True  # False = plain MoCo v2 (no mixed view, no extra forward)
+    enabled: bool = True  # False = the plain framework (no mixed view, no extra forward)
     kind: Literal["block", "discrete"] = "block"  # grid-mask generator (docs/methods.md §2)
     grid: int = 8  # g: the mask is g x g cells, upsampled nearest to the view size
     ratio: float = 0.5  # r: target fraction of cells filled from the partner image

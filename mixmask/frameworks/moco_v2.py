@@ -42,7 +42,7 @@ class MoCoV2Config:
     momentum: float = 0.999  # m: key-encoder EMA coefficient
     temperature: float = 0.2  # T in the InfoNCE logits
     shuffle_bn: bool = True  # keys in a batch shuffled across processes (split BN on one process)
-    bn_splits: int = 2  # one process: BN statistics per chunk of this many (1 = off: the BN leak is open)
+    bn_splits: int = 2  # one process: BN statistics per chunk of this many (1 = off: the leak is open; README)
 
     def problems(self) -> list[str]:
         return [m for ok, m in [(self.dim >= 1, "dim must be >= 1"), (self.mlp_hidden >= 0, "mlp_hidden must be >= 0"),
