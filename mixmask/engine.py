@@ -194,8 +194,10 @@ def fit(
         meter.restart_clock()  # checkpoint (and monitor) time is not training time
 
     def stop_requested(at_log: bool) -> bool:
-        if accelerator.num_processes == 1 or not at_log:  # one cheap all-reduce per log step
-            return stop.requested if accelerator.num_processes == 1 else False
+        if accelerator.num_processes == 1:
+            return stop.requested
+        if not at_log:  # processes agree on a stop through one cheap all-reduce per log step
+            return False
         flag = torch.tensor([float(stop.requested)], device=accelerator.device)
         stop.requested = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
         return stop.requested

@@ -60,7 +60,8 @@ class BarlowTwins(Framework):
         out = {"loss_clean": loss}
         if batch.mixed is not None:
             lam = batch.lam.to(z2.device, torch.float32)[:, None]  # (N, 1)
-            target = lam * z2.float() + (1.0 - lam) * z2.float()[batch.perm]  # (N, D)
+            z2 = z2.float()
+            target = lam * z2 + (1.0 - lam) * z2[batch.perm]  # (N, D)
             out["loss_mix"] = barlow_twins(gather(self.encoder(batch.mixed)), gather(target), self.cfg.lambd)
             loss = loss + out["loss_mix"]
         out["loss"] = loss

@@ -14,6 +14,8 @@ A framework gets its process group as an argument (None = one process); it never
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -65,8 +67,6 @@ def ema_(target: list[torch.Tensor], online: list[torch.Tensor], m: float) -> No
 
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A deep copy with requires_grad off: the starting point of a momentum/target network."""
-    import copy
-
     twin = copy.deepcopy(module)
     for p in twin.parameters():
         p.requires_grad_(False)
