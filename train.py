@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from loaders.demo import ensure_demo_dataset
-from loaders.device_stage import MixStage
+from mixmask.mixing import MixStage
 from loaders.folder import DataError, index_split
 from loaders.torchvision_backend import (
     AugParams,
@@ -108,11 +108,14 @@ def make_optimizer(cfg: Config, model, lr: float):
 
 
 def make_stage(cfg: Config, accelerator, masking: bool) -> MixStage:
+    """The device stage of every backend: normalisation and, when masking, mask.method's mixer (MIXERS)."""
+    from mixmask.mixing import MIXERS
+
     m = cfg.mask
     return MixStage(
         cfg.data.mean, cfg.data.std, dtype=DTYPES.get(accelerator.mixed_precision, torch.float32),
-        channels_last=cfg.data.channels_last, enabled=masking and m.enabled, kind=m.kind, grid=m.grid,
-        ratio=m.ratio, per_sample=m.per_sample, partner=m.partner, seed=cfg.run.seed,
+        channels_last=cfg.data.channels_last,
+        mixer=MIXERS[m.method].from_config(cfg) if masking and m.enabled else None, seed=cfg.run.seed,
         rank=accelerator.process_index, world=accelerator.num_processes, route=m.route,
     )
 

@@ -50,14 +50,14 @@ def build(backend: str, root: Path, size: int, batch: int, cores: int, mask: boo
           hw_decoder_load: float = 0.65):
     import torch
 
-    from loaders.device_stage import MixStage
+    from mixmask.mixing import MixMask, MixStage
     from loaders.folder import index_split
     from loaders.torchvision_backend import AugParams, TorchvisionTrainLoader
 
     index = index_split(root, "train")
     aug = AugParams(size)
     stage = MixStage((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), dtype=torch.float32, channels_last=True,
-                     enabled=mask, grid=8)
+                     mixer=MixMask(grid=8) if mask else None)
     if backend.startswith("ffcv"):  # ffcv-jpg, ffcv-raw, ffcv-jpg-twice (one decode per view, the FFCV-SSL way)
         from loaders.ffcv_backend import FfcvTrainLoader, ensure_beton
 

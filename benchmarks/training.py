@@ -60,12 +60,12 @@ def time_steps(model, batches, steps: int, warmup: int, device, dtype) -> float:
 
 def synthetic_batches(batch: int, size: int, device, dtype, mask: bool, channels_last: bool):
     """The same Batch every step, made once by the device stage from random uint8 views."""
-    from loaders.device_stage import MixStage
+    from mixmask.mixing import MixMask, MixStage
 
     g = torch.Generator().manual_seed(0)
     v1 = torch.randint(0, 256, (batch, size, size, 3), generator=g, dtype=torch.uint8).to(device)
     v2 = torch.randint(0, 256, (batch, size, size, 3), generator=g, dtype=torch.uint8).to(device)
-    stage = MixStage(MEAN, STD, dtype=dtype, channels_last=channels_last, enabled=mask, grid=8 if size >= 64 else 4)
+    stage = MixStage(MEAN, STD, dtype=dtype, channels_last=channels_last, mixer=MixMask(grid=8 if size >= 64 else 4) if mask else None)
     b = stage(v1, v2, torch.zeros(batch, dtype=torch.long, device=device), None, 0, 0)
     while True:
         yield b

@@ -14,6 +14,10 @@ of Philox never overflow. That makes the same source exact with Python ints, num
 (no overflow warnings), numba uint64 and CUDA uint64; all constants are np.uint64 so numba never
 mixes signed and unsigned operands (which it would promote to float64).
 
+Streams: one sample's draws for different purposes never share a counter. The counter word is
+stream * 2**STREAM_SHIFT + call (calls < 2**24 per stream and sample); STREAMS names them. Stream 0
+is the MixMask grid sampler (kernels/masks.py), whose counters start at 0.
+
 Checked against the Random123 known-answer vectors (tests/kernels/test_rng.py).
 """
 from __future__ import annotations
@@ -31,6 +35,16 @@ _SHIFT32 = np.uint64(32)
 _INV_2_32 = 2.0 ** -32  # word -> [0, 1)
 
 ROUNDS = 10
+
+STREAM_SHIFT = 24
+STREAMS = {
+    "mixmask": 0,     # kernels/masks.py grid masks
+    "noise": 1,       # kernels/fill.py noise of the masked query view
+    "hard_noise": 2,  # kernels/fill.py noise of the hard negative
+    "cells": 3,       # kernels/cells.py erase/saliency cell masks and focal windows
+    "hard_cells": 4,  # kernels/cells.py hard-negative cell masks
+    "batch": 5,       # per-batch draws: Un-Mix lam/box, random permutations (mixmask/mixing)
+}
 
 
 def _philox4x32(c0, c1, c2, c3, k0, k1):

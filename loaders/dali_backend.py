@@ -14,7 +14,7 @@ Per batch of this rank's shard (loaders/sharding.py: the same order as every bac
   colour ops on the CPU), Gaussian blur, solarize and flip, each applied per sample by DALI
   conditionals.
 - The two uint8 NHWC views are copied out of DALI's buffers into tensors the loader owns (the trainer
-  never sees memory DALI will reuse), then loaders/device_stage.MixStage normalises, lays out and
+  never sees memory DALI will reuse), then mixmask/mixing/stage.MixStage normalises, lays out and
   mixes them with our Numba kernels (CUDA on the same stream on a GPU, parallel CPU otherwise).
 
 Bad input: a file whose header cannot be read is replaced at once by the next readable image (the
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from loaders.device_stage import MixStage
+from mixmask.mixing import MixStage
 from loaders.folder import DataError, FolderIndex
 from loaders.sharding import batches_per_epoch, shard_indices
 from loaders.torchvision_backend import AugParams

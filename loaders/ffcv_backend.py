@@ -19,7 +19,7 @@ loader updates (kernels.views.read_cell). The order is this rank's shard of the 
 permutation (loaders/sharding.py), so every backend visits the same samples; FFCV's QUASI_RANDOM
 order (one process only) is the alternative for datasets larger than the page cache (os_cache=False).
 The (N, 2, S, S, 3) uint8 views are copied out of FFCV's reused buffers before the device stage
-(loaders/device_stage.MixStage: normalise, layout, MixMask with our kernels).
+(mixmask/mixing/stage.MixStage: normalise, layout, MixMask with our kernels).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loaders.device_stage import MixStage
+from mixmask.mixing import MixStage
 from loaders.folder import DataError, index_split
 from loaders.sharding import batches_per_epoch, shard_indices
 from loaders.torchvision_backend import AugParams, decode_image, unreadable_reason

@@ -2,7 +2,7 @@
 
 Per image (in a worker): decode once with PIL, then twice RandomResizedCrop -> colour jitter (p) ->
 grayscale (p) -> Gaussian blur (p) -> solarize (p) -> flip, as uint8 HWC. The batch ships to the device
-as uint8 NHWC; normalisation, layout and MixMask happen there (loaders/device_stage.py).
+as uint8 NHWC; normalisation, layout and MixMask happen there (mixmask/mixing/stage.py).
 
 Randomness: each sample's augmentations are seeded by (seed, epoch, index), so a run is reproducible
 for any worker count and resumes exactly. An unreadable image is replaced by the next readable one of
@@ -22,7 +22,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
-from loaders.device_stage import MixStage
+from mixmask.mixing import MixStage
 from loaders.folder import DataError, FolderIndex
 from loaders.sharding import batches_per_epoch, shard_indices
 from mixmask.batch import Batch

@@ -23,6 +23,12 @@ from mixmask.frameworks.byol import BYOLConfig
 from mixmask.frameworks.moco_v2 import MoCoV2Config
 from mixmask.frameworks.simclr import SimCLRConfig
 from mixmask.frameworks.simsiam import SimSiamConfig
+from mixmask.mixing import MIXERS
+from mixmask.mixing.mscn import MSCNConfig
+from mixmask.mixing.saliency import SaliencyConfig
+from mixmask.mixing.unmix import UnMixConfig
+
+MIXING_SECTIONS = ("unmix", "mscn", "saliency")  # the mask section is shared: enabled, method, route
 
 
 class ConfigError(ValueError):
@@ -63,12 +69,13 @@ class DataConfig:
 @dataclass
 class MaskConfig:
     enabled: bool = True  # False = the plain framework (no mixed view, no extra forward)
+    method: Literal["mixmask", "unmix", "unmix_mixmask", "mscn", "saliency", "saliency_mixmask"] = "mixmask"  # mixmask/mixing MIXERS; its options: the sections it names
     kind: Literal["block", "discrete"] = "block"  # grid-mask generator (docs/methods.md §2)
     grid: int = 8  # g: the mask is g x g cells, upsampled nearest to the view size
     ratio: float = 0.5  # r: target fraction of cells filled from the partner image
     per_sample: bool = False  # False = one mask per batch (the paper), True = one per sample
-    partner: Literal["auto", "reverse", "roll"] = "auto"  # auto: reverse for even N, roll by one for odd N
-    route: Literal["auto", "numba", "torch"] = "auto"  # masks + fused normalise/mix: our Numba kernels or torch
+    partner: Literal["auto", "reverse", "roll", "random"] = "auto"  # auto: reverse for even N, roll by one for odd N; random: drawn per batch
+    route: Literal["auto", "numba", "torch"] = "auto"  # samplers + kernels: our Numba kernels, or their numpy references and torch
 
 
 @dataclass
@@ -133,6 +140,10 @@ class Config:
     byol: BYOLConfig = field(default_factory=BYOLConfig)
     simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
     barlow_twins: BarlowTwinsConfig = field(default_factory=BarlowTwinsConfig)
+    # one section per mixing method's own options (mask.method picks the sections; see MIXERS[...].sections)
+    unmix: UnMixConfig = field(default_factory=UnMixConfig)
+    mscn: MSCNConfig = field(default_factory=MSCNConfig)
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
 
     @property
     def framework(self) -> Any:
@@ -259,6 +270,21 @@ def validate(cfg: Config, keys: set[str] = frozenset()) -> None:
         if section in FRAMEWORKS and section != cfg.model.framework:
             raise ConfigError(f"{key} is set, but model.framework is {cfg.model.framework!r}: "
                               f"remove it or select model.framework={section}")
+        mixer = MIXERS[cfg.mask.method]
+        if section in MIXING_SECTIONS and not (cfg.mask.enabled and section in mixer.sections):
+            users = sorted(m for m, cls in MIXERS.items() if section in cls.sections)
+            raise ConfigError(f"{key} is set, but mask.method={cfg.mask.method!r}"
+                              f"{'' if cfg.mask.enabled else ' is off (mask.enabled=false)'} does not read the "
+                              f"{section} section: remove it or select mask.method from {users}")
+    mixer = MIXERS[cfg.mask.method]
+    if cfg.mask.enabled and "saliency" in mixer.sections and cfg.saliency.hard_negative:
+        from mixmask.frameworks import FRAMEWORKS as F
+
+        if not F[cfg.model.framework].hard_negatives:
+            have = sorted(n for n, cls in F.items() if cls.hard_negatives)
+            raise ConfigError(f"saliency.hard_negative=true with mask.method={cfg.mask.method}: model.framework="
+                              f"{cfg.model.framework!r} has no negatives to add it to; set saliency.hard_negative=false "
+                              f"or select model.framework from {have}")
     checks = [
         (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
         (cfg.data.batch_size >= 2, "data.batch_size must be >= 2 (MixMask needs a partner image)"),
@@ -274,6 +300,8 @@ def validate(cfg: Config, keys: set[str] = frozenset()) -> None:
         (cfg.mask.grid >= 2, "mask.grid must be >= 2"),
         (0 < cfg.mask.ratio < 1, "mask.ratio must be in (0, 1)"),
         *((False, f"{cfg.model.framework}.{problem}") for problem in cfg.framework.problems()),
+        *((False, f"{section}.{problem}") for section in MIXING_SECTIONS if section in MIXERS[cfg.mask.method].sections
+          for problem in getattr(cfg, section).problems()),
         (cfg.optim.epochs >= 1, "optim.epochs must be >= 1"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.grad_accum >= 1, "optim.grad_accum must be >= 1"),

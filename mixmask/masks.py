@@ -11,7 +11,7 @@ not divide the image and every route (torch, Numba CPU, CUDA) computes the same 
 
 The masks themselves (docs/methods.md §2: ``block``, BEiT-style, and ``discrete``) are drawn by the
 counter-based Philox samplers in kernels/masks.py (``kernels.sample_masks`` and its plain-numpy twin
-``kernels.masks.sample_masks_reference``, the same bits), on every route; see loaders/device_stage.py.
+``kernels.masks.sample_masks_reference``, the same bits), on every route; see mixmask/mixing/stage.py.
 """
 
 from __future__ import annotations

@@ -58,12 +58,13 @@ class BarlowTwins(Framework):
         gather = lambda z: D.gather_with_grad(z, self.group)  # noqa: E731 - (N, D) -> (W N, D)
         loss = barlow_twins(gather(z1), gather(z2), self.cfg.lambd)
         out = {"loss_clean": loss}
-        if batch.mixed is not None:
-            lam = batch.lam.to(z2.device, torch.float32)[:, None]  # (N, 1)
-            z2 = z2.float()
-            target = lam * z2 + (1.0 - lam) * z2[batch.perm]  # (N, D)
-            out["loss_mix"] = barlow_twins(gather(self.encoder(batch.mixed)), gather(target), self.cfg.lambd)
-            loss = loss + out["loss_mix"]
+        z2 = z2.float()
+        for m in batch.mixes:  # each mixed view against the lam-weighted mix of its sources' targets
+            lam = m.lam.to(z2.device, torch.float32)[:, None]  # (N, 1)
+            target = z2 if m.perm is None else lam * z2 + (1.0 - lam) * z2[m.perm]  # (N, D)
+            part = barlow_twins(gather(self.encoder(m.x)), gather(target), self.cfg.lambd)
+            out["loss_mix"] = out.get("loss_mix", 0.0) + part
+            loss = loss + part
         out["loss"] = loss
         return out
 

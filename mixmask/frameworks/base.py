@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from mixmask.batch import Batch
+from mixmask.losses import area_credited
 from mixmask.models import Backbone
 
 
 class Framework(nn.Module):
     backbone: Backbone  # the online backbone: what evaluation and export read
+    hard_negatives: bool = False  # forward uses batch.hard_negative (frameworks with negatives)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -46,6 +48,16 @@ class Framework(nn.Module):
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Called once per optimizer step; frameworks without a momentum network do nothing."""
+
+
+def credit_mixes(batch: Batch, embed, pair_loss, target: torch.Tensor) -> torch.Tensor | None:
+    """Sum over the batch's mixed views of area_credited(pair_loss, embed(view), target, perm, lam).
+    -> (N,) float32, or None without mixed views"""
+    total = None
+    for m in batch.mixes:
+        part = area_credited(pair_loss, embed(m.x), target, m.perm, m.lam)
+        total = part if total is None else total + part
+    return total
 
 
 def split_bias_bn(named, weight_decay: float, exclude_bias_bn: bool, **extra) -> list[dict]:

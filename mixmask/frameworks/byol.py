@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from mixmask.batch import Batch
-from mixmask.frameworks.base import Framework, ema_, frozen_copy
-from mixmask.losses import area_credited, normalized_mse
+from mixmask.frameworks.base import Framework, credit_mixes, ema_, frozen_copy
+from mixmask.losses import normalized_mse
 from mixmask.models import Arch, Backbone, Encoder, Stem, mlp
 
 
@@ -56,9 +56,8 @@ class BYOL(Framework):
             z1, z2 = self.target(batch.x1), self.target(batch.x2)  # (N, D)
         loss = normalized_mse(p1, z2) + normalized_mse(p2, z1)  # (N,)
         out = {"loss_clean": loss.mean()}
-        if batch.mixed is not None:
-            p_mix = self.predictor(self.online(batch.mixed))  # (N, D)
-            mixed = area_credited(normalized_mse, p_mix, z2, batch.perm, batch.lam)
+        mixed = credit_mixes(batch, lambda x: self.predictor(self.online(x)), normalized_mse, z2)  # (N,)
+        if mixed is not None:
             out["loss_mix"] = mixed.mean()
             loss = loss + mixed
         out["loss"] = loss.mean()

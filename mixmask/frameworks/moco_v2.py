@@ -6,7 +6,9 @@ Per step, for the two views x1, x2 and (optionally) the mixed view x~ of x1, que
     q  = normalize(f_q(x1))                  # (N, D)
     q~ = normalize(f_q(x~))                  # (N, D), its own forward: BN statistics of mixed images apart
     k  = normalize(f_k(x2))                  # (N, D), no gradient, shuffle-BN
-    L  = (1/N) sum_j [ l(q_j, k_j) + lam_j l(q~_j, k_j) + (1 - lam_j) l(q~_j, k_perm[j]) ]
+    L  = (1/N) sum_j [ l(q_j, k_j) + lam_j l(q~_j, k_j) + (1 - lam_j) l(q~_j, k_perm[j]) ]   (summed over
+         every mixed view of the batch; with a hard negative h_j = normalize(f_k(batch.hard_negative_j)) the
+         first term is l(q_j, k_j; h_j), the hard negative weighted by hard_alpha, docs/methods.md §7)
     queue <- enqueue(all_gather(k))          # clean keys only
     theta_k <- m theta_k + (1 - m) theta_q   # after_step: once per optimizer step, after it
 
@@ -29,8 +31,8 @@ from torch import nn
 
 from mixmask import distributed as D
 from mixmask.batch import Batch
-from mixmask.frameworks.base import Framework, ema_, frozen_copy
-from mixmask.losses import area_credited, info_nce, normalize
+from mixmask.frameworks.base import Framework, credit_mixes, ema_, frozen_copy
+from mixmask.losses import info_nce, normalize
 from mixmask.models import Arch, Backbone, Encoder, Stem, mlp
 
 
@@ -43,15 +45,18 @@ class MoCoV2Config:
     temperature: float = 0.2  # T in the InfoNCE logits
     shuffle_bn: bool = True  # keys in a batch shuffled across processes (split BN on one process)
     bn_splits: int = 2  # one process: BN statistics per chunk of this many (1 = off: the leak is open; README)
+    hard_alpha: float = 2.0  # weight of the hard negative in the InfoNCE denominator (Chin et al.'s alpha)
 
     def problems(self) -> list[str]:
         return [m for ok, m in [(self.dim >= 1, "dim must be >= 1"), (self.mlp_hidden >= 0, "mlp_hidden must be >= 0"),
                                 (self.queue >= 1, "queue must be >= 1"), (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
-                                (self.temperature > 0, "temperature must be > 0"), (self.bn_splits >= 1, "bn_splits must be >= 1")] if not ok]
+                                (self.temperature > 0, "temperature must be > 0"), (self.bn_splits >= 1, "bn_splits must be >= 1"),
+                                (self.hard_alpha > 0, "hard_alpha must be > 0")] if not ok]
 
 
 class MoCoV2(Framework):
     Config = MoCoV2Config
+    hard_negatives = True
 
     def __init__(self, cfg: MoCoV2Config = MoCoV2Config(), *, arch: Arch = "resnet50", stem: Stem = "imagenet",
                  seed: int = 0, group=None):
@@ -110,11 +115,12 @@ class MoCoV2(Framework):
         q = normalize(self._split(self.encoder_q, batch.x1))  # (N, D)
         k = self._keys(batch.x2)  # (N, D)
         queue = self.queue.clone()  # (D, K): the enqueue below must not change what backward reads
-        loss = info_nce(q, k, queue, t)  # (N,)
+        hard = None if batch.hard_negative is None else self._keys(batch.hard_negative)  # (N, D)
+        loss = info_nce(q, k, queue, t, hard, self.cfg.hard_alpha)  # (N,)
         out = {"loss_clean": loss.mean()}
-        if batch.mixed is not None:
-            q_mix = normalize(self._split(self.encoder_q, batch.mixed))  # (N, D)
-            mixed = area_credited(lambda z, key: info_nce(z, key, queue, t), q_mix, k, batch.perm, batch.lam)
+        mixed = credit_mixes(batch, lambda x: normalize(self._split(self.encoder_q, x)),
+                             lambda z, key: info_nce(z, key, queue, t), k)  # (N,)
+        if mixed is not None:
             out["loss_mix"] = mixed.mean()
             loss = loss + mixed
         self._enqueue(k)

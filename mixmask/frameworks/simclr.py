@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from mixmask import distributed as D
 from mixmask.batch import Batch
-from mixmask.frameworks.base import Framework
-from mixmask.losses import area_credited, float32, nt_xent
+from mixmask.frameworks.base import Framework, credit_mixes
+from mixmask.losses import float32, nt_xent
 from mixmask.models import Arch, Backbone, Encoder, Stem, mlp
 
 
@@ -67,10 +67,9 @@ class SimCLR(Framework):
         offset = D.rank(self.group) * n
         loss = nt_xent(z1, z2, z1_all, z2_all, offset, t)  # (N,)
         out = {"loss_clean": loss.mean()}
-        if batch.mixed is not None:
-            logits = cross_view_logits(self.encoder(batch.mixed), z2_all, t)  # (N, W N)
-            own = offset + torch.arange(n, device=logits.device)  # (N,) column of each sample's second view
-            mixed = area_credited(cross_entropy, logits, own, batch.perm, batch.lam)
+        own = offset + torch.arange(n, device=z2.device)  # (N,) column of each sample's second view
+        mixed = credit_mixes(batch, lambda x: cross_view_logits(self.encoder(x), z2_all, t), cross_entropy, own)  # (N,)
+        if mixed is not None:
             out["loss_mix"] = mixed.mean()
             loss = loss + mixed
         out["loss"] = loss.mean()

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from mixmask.batch import Batch
-from mixmask.frameworks.base import Framework, split_bias_bn
-from mixmask.losses import area_credited, negative_cosine
+from mixmask.frameworks.base import Framework, credit_mixes, split_bias_bn
+from mixmask.losses import negative_cosine
 from mixmask.models import Arch, Backbone, Encoder, Stem, mlp
 
 
@@ -52,9 +52,8 @@ class SimSiam(Framework):
         p1, p2 = self.predictor(z1), self.predictor(z2)  # (N, D)
         loss = 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))  # (N,)
         out = {"loss_clean": loss.mean()}
-        if batch.mixed is not None:
-            p_mix = self.predictor(self.encoder(batch.mixed))  # (N, D)
-            mixed = area_credited(negative_cosine, p_mix, z2, batch.perm, batch.lam)
+        mixed = credit_mixes(batch, lambda x: self.predictor(self.encoder(x)), negative_cosine, z2)  # (N,)
+        if mixed is not None:
             out["loss_mix"] = mixed.mean()
             loss = loss + mixed
         out["loss"] = loss.mean()

@@ -22,9 +22,11 @@ def area_credited(
     pair_loss: PairLoss,
     z_mix: torch.Tensor,  # (N, ...) the mixed view's output
     target: torch.Tensor,  # (N, ...) the clean targets of the samples
-    perm: torch.Tensor,  # (N,) perm[j] = the image that fills mixed j
+    perm: torch.Tensor | None,  # (N,) perm[j] = the image that fills mixed j; None = no partner
     lam: torch.Tensor,  # (N,) realised fraction of mixed j from sample j
 ) -> torch.Tensor:
-    """lam * l(z~, t) + (1 - lam) * l(z~, t[perm]), per sample.  -> (N,) float32"""
+    """lam * l(z~, t) + (1 - lam) * l(z~, t[perm]), per sample (l(z~, t) when perm is None).  -> (N,) float32"""
     lam = lam.to(z_mix.device, torch.float32)
+    if perm is None:
+        return pair_loss(z_mix, target).float()
     return lam * pair_loss(z_mix, target) + (1.0 - lam) * pair_loss(z_mix, target[perm.to(target.device)])

@@ -3,9 +3,16 @@
 For an L2-normalised query q, its positive key k and the queue {n_1..n_K}:
 
     l(q, k) = -log( exp(q.k / T) / (exp(q.k / T) + sum_i exp(q.n_i / T)) )
+
+With a hard negative h (saliency-guided masking, Chin et al. arXiv 2309.12757; docs/methods.md §7), one
+more term in the denominator, with weight alpha (its logit shifted by log alpha):
+
+    l(q, k; h) = -log( exp(q.k / T) / (exp(q.k / T) + sum_i exp(q.n_i / T) + alpha exp(q.h / T)) )
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -13,8 +20,11 @@ from mixmask.losses.precision import float32
 
 
 @float32
-def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float) -> torch.Tensor:
-    """Per-sample InfoNCE.  q, k: (N, D) normalised; queue: (D, K) -> (N,) float32"""
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float, hard: torch.Tensor | None = None,
+             alpha: float = 1.0) -> torch.Tensor:
+    """Per-sample InfoNCE.  q, k: (N, D) normalised; queue: (D, K); hard: (N, D) normalised -> (N,) float32"""
     neg_lse = torch.logsumexp(q @ queue / t, dim=1)  # (N,)
+    if hard is not None:
+        neg_lse = torch.logaddexp(neg_lse, (q * hard).sum(dim=1) / t + math.log(alpha))
     pos = (q * k).sum(dim=1) / t  # (N,)
     return torch.logaddexp(pos, neg_lse) - pos  # -log softmax of the positive

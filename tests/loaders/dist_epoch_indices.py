@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from loaders.device_stage import MixStage
+from mixmask.mixing import MixStage
 from loaders.folder import index_split
 from loaders.torchvision_backend import AugParams, TorchvisionTrainLoader
 

@@ -17,7 +17,7 @@ pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip instal
 pytestmark = pytest.mark.dali
 
 from loaders.dali_backend import DaliTrainLoader, _two_view_pipeline, _VIEW_INPUTS, find_undecodable, header_size  # noqa: E402,E501
-from loaders.device_stage import MixStage  # noqa: E402
+from mixmask.mixing import MixMask, MixStage  # noqa: E402
 from loaders.folder import index_split  # noqa: E402
 from loaders.torchvision_backend import AugParams, TorchvisionTrainLoader  # noqa: E402
 from loaders.view_params import draw_views  # noqa: E402
@@ -26,7 +26,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def stage(enabled=True, dtype=torch.float32, **kw):
-    return MixStage(MEAN, STD, dtype=dtype, channels_last=True, enabled=enabled, grid=4, **kw)
+    mix = {k: kw.pop(k) for k in ("kind", "ratio", "per_sample", "partner") if k in kw}
+    return MixStage(MEAN, STD, dtype=dtype, channels_last=True, mixer=MixMask(grid=4, **mix) if enabled else None, **kw)
 
 
 def loader(root, batch=16, rank=0, world=1, seed=0, aug=None, st=None, threads=1):

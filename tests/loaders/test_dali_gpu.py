@@ -7,7 +7,7 @@ pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip instal
 pytestmark = [pytest.mark.gpu, pytest.mark.dali]
 
 from loaders.dali_backend import DaliTrainLoader  # noqa: E402
-from loaders.device_stage import MixStage  # noqa: E402
+from mixmask.mixing import MixMask, MixStage  # noqa: E402
 from loaders.folder import index_split  # noqa: E402
 from loaders.torchvision_backend import AugParams  # noqa: E402
 
@@ -15,7 +15,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def batches(root, device, aug, dtype=torch.float32):
-    st = MixStage(MEAN, STD, dtype=dtype, channels_last=True, enabled=True, grid=4, per_sample=True)
+    st = MixStage(MEAN, STD, dtype=dtype, channels_last=True, mixer=MixMask(grid=4, per_sample=True))
     ld = DaliTrainLoader(index_split(root, "train"), aug, st, 16, threads=2, seed=0, device=device)
     ld.set_epoch(0)
     return list(ld)

@@ -16,7 +16,7 @@ pytest.importorskip("ffcv", reason="FFCV not installed (pip install '.[ffcv]')")
 # (printed as unraisable-exception warnings; harmless): silenced here only
 pytestmark = [pytest.mark.ffcv, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
-from loaders.device_stage import MixStage  # noqa: E402
+from mixmask.mixing import MixMask, MixStage  # noqa: E402
 from loaders.ffcv_backend import FfcvTrainLoader, write_beton  # noqa: E402
 from loaders.folder import DataError, index_split  # noqa: E402
 from loaders.torchvision_backend import AugParams, TorchvisionTrainLoader  # noqa: E402
@@ -25,7 +25,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def stage(enabled=True, **kw):
-    return MixStage(MEAN, STD, dtype=torch.float32, channels_last=True, enabled=enabled, grid=4, **kw)
+    mix = {k: kw.pop(k) for k in ("kind", "ratio", "per_sample", "partner") if k in kw}
+    return MixStage(MEAN, STD, dtype=torch.float32, channels_last=True, mixer=MixMask(grid=4, **mix) if enabled else None, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from loaders.device_stage import MixStage
+from mixmask.mixing import MixMask, MixStage
 from loaders.folder import index_split
 from loaders.torchvision_backend import AugParams, TorchvisionTrainLoader
 from mixmask import masks as mk
@@ -14,8 +14,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def make_loader(root, workers=0, per_sample=False, dtype=torch.float32, seed=0):
-    stage = MixStage(MEAN, STD, dtype=dtype, channels_last=True, enabled=True, kind="block", grid=4, ratio=0.5,
-                     per_sample=per_sample, partner="auto", seed=seed)
+    stage = MixStage(MEAN, STD, dtype=dtype, channels_last=True, seed=seed,
+                     mixer=MixMask(kind="block", grid=4, ratio=0.5, per_sample=per_sample, partner="auto"))
     return TorchvisionTrainLoader(index_split(root, "train"), AugParams(24), stage, batch_size=16, workers=workers, seed=seed)
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mixmask.distributed as D
-from mixmask.batch import Batch
+from mixmask.batch import Batch, Mixed
 from mixmask.frameworks import BarlowTwins, MoCoV2, SimCLR
 
 N, SIZE, SEED = 4, 16, 0  # per-rank batch, image size, weight seed
@@ -80,12 +80,12 @@ def global_batch() -> Batch:
     pixel = (torch.rand(m, 1, SIZE, SIZE, generator=g) < torch.rand(m, 1, 1, 1, generator=g)).float()
     mixed = pixel * x1 + (1 - pixel) * x1[perm]
     lam = pixel.mean(dim=(1, 2, 3))  # realised fraction from x1[j], random per sample
-    return Batch(x1, x2, mixed, perm, lam, torch.arange(m))
+    return Batch(x1, x2, torch.arange(m), mixes=(Mixed(mixed, perm, lam),))
 
 
 def local_batch(b: Batch) -> Batch:
     s = slice(RANK * N, (RANK + 1) * N)
-    return Batch(b.x1[s], b.x2[s], b.mixed[s], b.perm[s] - RANK * N, b.lam[s], b.labels[s])
+    return Batch(b.x1[s], b.x2[s], b.labels[s], mixes=(Mixed(b.mixed[s], b.perm[s] - RANK * N, b.lam[s]),))
 
 
 def flat_grads(model: nn.Module) -> dict[str, torch.Tensor]:

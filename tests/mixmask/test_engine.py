@@ -37,7 +37,7 @@ class Stub(nn.Module):
 class ListLoader:
     def __init__(self, n: int):
         g = torch.Generator().manual_seed(0)
-        self.batches = [Batch(torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g), None, None, None,
+        self.batches = [Batch(torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g),
                               torch.zeros(3, dtype=torch.long)) for _ in range(n)]
 
     def __len__(self):
@@ -112,7 +112,7 @@ def test_engine_imports_no_framework_mixer_or_loader():
 
 
 def test_loaders_import_no_accelerate():
-    code = ("import sys, loaders.torchvision_backend, loaders.device_stage, loaders.demo, loaders.sharding; "
+    code = ("import sys, loaders.torchvision_backend, mixmask.mixing.stage, loaders.demo, loaders.sharding; "
             "assert 'accelerate' not in sys.modules and 'mixmask.engine' not in sys.modules")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

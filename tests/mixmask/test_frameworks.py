@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from mixmask.batch import Batch
+from mixmask.batch import Batch, Mixed
 from mixmask.config import Config, ModelConfig
 from mixmask.frameworks import FRAMEWORKS
 from mixmask.frameworks.barlow_twins import BarlowTwinsConfig
@@ -73,9 +73,8 @@ def make_batch(seed: int = 0, lam: torch.Tensor | None = None, mixed: bool = Tru
     m = F.interpolate(grid, size=(SIZE, SIZE), mode="nearest")  # (N, 1, H, W), 1 = keep x1
     if lam is None:
         lam = torch.rand(N, generator=g)  # any per-sample weights: the loss reads batch.lam as given
-    return Batch(x1=x1, x2=x2, mixed=(m * x1 + (1 - m) * x1[perm]) if mixed else None,
-                 perm=perm if mixed else None, lam=lam.float() if mixed else None,
-                 labels=torch.zeros(N, dtype=torch.long))
+    mixes = (Mixed(m * x1 + (1 - m) * x1[perm], perm, lam.float()),) if mixed else ()
+    return Batch(x1=x1, x2=x2, labels=torch.zeros(N, dtype=torch.long), mixes=mixes)
 
 
 # ----------------------------------------------------------------------------------------------------

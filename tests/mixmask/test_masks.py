@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from loaders.device_stage import MixStage
+from mixmask.mixing import MixMask, MixStage
 from mixmask import masks as mk
 from mixmask.fused import kernels_for
 
@@ -92,8 +92,8 @@ def test_mixstage_routes_train_on_the_same_masks(kind, per_sample):
     for seed, epoch, step, rank in [(0, 0, 0, 0), (5, 2, 3, 1), (2 ** 40 + 3, 7, 11, 2)]:
         out = {}
         for route in ("torch", "numba", "auto"):
-            st = MixStage(MEAN, STD, kind=kind, grid=4, ratio=0.5, per_sample=per_sample, seed=seed, rank=rank,
-                          world=world, route=route)
+            st = MixStage(MEAN, STD, mixer=MixMask(kind=kind, grid=4, ratio=0.5, per_sample=per_sample), seed=seed,
+                          rank=rank, world=world, route=route)
             out[route] = st(v1, v2, labels, index, epoch, step)
         want = kernels.sample_masks(kind, n if per_sample else 1, 4, 0.5, seed, epoch, step * world + rank)
         ref = out["numba"]

@@ -1,0 +1,44 @@
+"""MixMask (Vishniakov, Xing, Shen; arXiv 2210.11456, BMVC 2024). docs/methods.md §2-3.
+
+    G in {0,1}^(g x g) (block or discrete generator, kernels/masks.py),  M = nearest-upsample(G),
+    x~_j = M * x1_j + (1 - M) * x1_perm[j],      lam_j = mean(M_j)   (realised)
+
+One mask per batch (the paper) or per sample; the mix runs on uint8 pixels inside the fused
+normalise kernel (binary masks commute with normalisation). x1 and x2 stay clean.
+Options: the ``mask`` section (mixmask/config.py MaskConfig).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixmask import masks as mk
+from mixmask.mixing.base import Keys, Mixer, Pixels, Views, mixed_view, partner
+
+
+class MixMask(Mixer):
+    name = "mixmask"
+    sections = ("mask",)
+
+    def __init__(self, *, kind: mk.MaskKind = "block", grid: int = 8, ratio: float = 0.5, per_sample: bool = False,
+                 partner: str = "auto"):
+        self.kind, self.grid, self.ratio, self.per_sample, self.partner = kind, grid, ratio, per_sample, partner
+
+    @classmethod
+    def from_config(cls, cfg) -> MixMask:
+        m = cfg.mask
+        return cls(kind=m.kind, grid=m.grid, ratio=m.ratio, per_sample=m.per_sample, partner=m.partner)
+
+    def masks(self, n: int, keys: Keys, px: Pixels) -> torch.Tensor:
+        """The step's grid masks (the same on every route).  -> (N or 1, g, g) uint8 on the CPU"""
+        return px.sample_masks(self.kind, n if self.per_sample else 1, self.grid, self.ratio, keys.seed, keys.epoch,
+                               keys.batch_index)
+
+    def __call__(self, v1, v2, keys: Keys, px: Pixels) -> Views:
+        n, h, w, _ = v1.shape
+        masks = self.masks(n, keys, px)
+        perm = partner(n, self.partner, keys, v1.device)
+        lam = mk.realised_lam(masks, h, w).expand(n)  # (N,)
+        masks = masks.to(v1.device)
+        x1, x2, mixed = px.mix(v1, v2, masks, perm)
+        return Views(x1, x2, (mixed_view(mixed, perm, lam, masks, self.name),))

@@ -1,0 +1,150 @@
+"""Saliency-guided masking with hard negatives (Chin et al., arXiv 2309.12757, WACV 2024) and the
+saliency-guided MixMask (ours). docs/methods.md §7.
+
+Saliency without labels: the spectral residual of each view (Hou & Zhang, CVPR 2007), computed on the
+device from the uint8 view:  g = grey level (downsampled to at most 64 px), F = FFT(g),
+R = log|F| - box3(log|F|), S = |IFFT(exp(R + i angle(F)))|^2 smoothed; A_j = the mean of S over each
+cell of the g x g grid (the cells of the masks: cell_row(y) = (y g) // H); foreground cells
+A >= mean(A) - threshold std(A) per sample (kernels/cells.py foreground_cells).
+
+"saliency" (erase, the paper): as MSCN (mixmask/mixing/mscn.py: high-pass, focal, channel-wise, noise
+0.18), but the query's cells are spread evenly over foreground and background (kernels/cells.py mode
+"balanced": the masked fraction is the same in both); the hard negative is a copy of the KEY view x2
+with r ~ U(hard_ratio) of ITS foreground cells filled with noise of std hard_noise_std, encoded by the
+key encoder and appended to the negatives with weight alpha (the framework's hard_alpha).
+
+"saliency_mixmask" (ours, no paper has it): the query keeps its clean view; a MixMask view is added
+whose masked cells are chosen the balanced way (n = int(r G) cells, r = mask.ratio, split between
+foreground and background in proportion) and filled from the partner image (not noise), one mask
+per sample, credited with the realised lam_j. It asks whether spreading the partner's content over
+the object and its background helps MixMask the way it helps erasing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kernels import cells as kc
+from kernels.rng import STREAMS
+from mixmask import masks as mk
+from mixmask.mixing.base import Keys, Mixer, Pixels, Views, mixed_view, partner
+from mixmask.mixing.mixmask import MixMask
+from mixmask.mixing.mscn import MSCN, erase_
+
+SALIENCY_SIZE = 64  # the spectral residual is computed at most at this resolution (Hou & Zhang: 64 px)
+
+
+@dataclass
+class SaliencyConfig:
+    source: Literal["spectral"] = "spectral"  # label-free saliency: the spectral residual of each view
+    threshold: float = 0.6  # foreground cells: A >= mean(A) - threshold std(A)
+    cap: float = 0.55  # at most this fraction of all cells masked in the foreground
+    hard_negative: bool = True  # append a masked copy of the key view as an extra negative
+    hard_ratio: list[float] = field(default_factory=lambda: [0.4, 0.7])  # fraction of its foreground cells masked
+    hard_noise_std: float = 0.14  # noise std of the hard negative's masked cells (normalised units)
+
+    def problems(self) -> list[str]:
+        lo, hi = (self.hard_ratio + [0, 0])[:2]
+        checks = [(self.threshold >= 0, "threshold must be >= 0"), (0 <= self.cap <= 1, "cap must be in [0, 1]"),
+                  (len(self.hard_ratio) == 2 and 0 <= lo <= hi <= 1, "hard_ratio must be [lo, hi] in [0, 1]"),
+                  (self.hard_noise_std >= 0, "hard_noise_std must be >= 0")]
+        return [m for ok, m in checks if not ok]
+
+
+def spectral_residual(v: torch.Tensor) -> torch.Tensor:
+    """Spectral-residual saliency (Hou & Zhang 2007).  (N, H, W, 3) uint8 -> (N, h, w) float32, h <= 64"""
+    g = v.float().mean(dim=-1)[:, None]  # (N, 1, H, W)
+    if max(g.shape[-2:]) > SALIENCY_SIZE:
+        g = F.interpolate(g, size=(SALIENCY_SIZE, SALIENCY_SIZE), mode="area")
+    spec = torch.fft.fft2(g[:, 0])  # (N, h, w) complex
+    log_amp = torch.log(spec.abs() + 1e-8)
+    local = F.avg_pool2d(F.pad(log_amp[:, None], (1, 1, 1, 1), mode="replicate"), 3, stride=1)[:, 0]
+    s = torch.fft.ifft2(torch.polar(torch.exp(log_amp - local), torch.angle(spec))).abs() ** 2  # (N, h, w)
+    for _ in range(2):  # smoothing: two 3x3 box filters (~ a Gaussian of sigma 1.2 px at 64 px)
+        s = F.avg_pool2d(F.pad(s[:, None], (1, 1, 1, 1), mode="replicate"), 3, stride=1)[:, 0]
+    return s
+
+
+def cell_means(s: torch.Tensor, g: int) -> torch.Tensor:
+    """Mean of a map over the g x g cells (cell_row(y) = (y g) // h).  (N, h, w) -> (N, g*g)"""
+    n, h, w = s.shape
+    rows = F.one_hot(mk.cell_index(h, g, s.device), g).float()  # (h, g)
+    cols = F.one_hot(mk.cell_index(w, g, s.device), g).float()  # (w, g)
+    total = torch.einsum("nyx,ya,xb->nab", s, rows, cols)
+    return (total / (rows.sum(0)[:, None] * cols.sum(0)[None, :])).reshape(n, g * g)
+
+
+def foreground(v: torch.Tensor, g: int, threshold: float) -> np.ndarray:
+    """Foreground cells of each view.  (N, H, W, 3) uint8 -> (N, g*g) uint8 on the host"""
+    return kc.foreground_cells(cell_means(spectral_residual(v), g).cpu().numpy(), threshold)
+
+
+def hard_negative(x2f: torch.Tensor, v2, cfg: SaliencyConfig, grid: int, keys: Keys, px: Pixels) -> torch.Tensor:
+    """A copy of the key view (float32, normalised) with r ~ U(hard_ratio) of its foreground cells noised."""
+    n, _, h, w = x2f.shape
+    fg = foreground(v2, grid, cfg.threshold)
+    masks, boxes = kc.cell_masks(fg, n, 3, grid, cfg.hard_ratio[0], cfg.hard_ratio[1], 1.0, 0.0, 1.0, 1.0, "foreground",
+                                 h, w, keys.seed, keys.epoch, keys.batch_index, STREAMS["hard_cells"])
+    return px.finish(px.noise_fill_(x2f.clone(), masks, boxes, cfg.hard_noise_std, keys, STREAMS["hard_noise"]))
+
+
+class Saliency(Mixer):
+    name = "saliency"
+    sections = ("mscn", "saliency")
+
+    def __init__(self, mscn: MSCN, cfg: SaliencyConfig = SaliencyConfig()):
+        self.mscn, self.cfg = mscn, cfg
+        self.hard_negatives = cfg.hard_negative
+
+    @classmethod
+    def from_config(cls, cfg) -> Saliency:
+        return cls(MSCN.from_config(cfg), cfg.saliency)
+
+    def __call__(self, v1, v2, keys: Keys, px: Pixels) -> Views:
+        n, h, w, _ = v1.shape
+        m = self.mscn.cfg
+        x1, x2 = self.mscn.filtered_views(v1, v2, px)
+        fg = foreground(v1, m.grid, self.cfg.threshold)
+        masks, boxes = self.mscn.query_masks(fg, "balanced", n, h, w, keys, cap=self.cfg.cap)
+        erase_(x1, masks, boxes, m, m.noise_std, keys, STREAMS["noise"], px)
+        hard = hard_negative(x2, v2, self.cfg, m.grid, keys, px) if self.cfg.hard_negative else None
+        return Views(px.finish(x1), px.finish(x2), (), hard)
+
+
+class SaliencyMixMask(Mixer):
+    name = "saliency_mixmask"
+    sections = ("mask", "saliency")
+
+    def __init__(self, mixmask: MixMask, cfg: SaliencyConfig = SaliencyConfig()):
+        self.mixmask, self.cfg = mixmask, cfg
+        self.hard_negatives = cfg.hard_negative
+
+    @classmethod
+    def from_config(cls, cfg) -> SaliencyMixMask:
+        return cls(MixMask.from_config(cfg), cfg.saliency)
+
+    def masks(self, v1, keys: Keys) -> torch.Tensor:
+        """Balanced cells filled from the partner.  -> (N, g, g) uint8 on the host, 1 = keep x1"""
+        n, h, w, _ = v1.shape
+        g, r = self.mixmask.grid, self.mixmask.ratio
+        fg = foreground(v1, g, self.cfg.threshold)
+        masks, _ = kc.cell_masks(fg, n, 1, g, r, r, 1.0, 0.0, 1.0, self.cfg.cap, "balanced", h, w, keys.seed,
+                                 keys.epoch, keys.batch_index, STREAMS["cells"])
+        return torch.from_numpy(masks[:, 0])
+
+    def __call__(self, v1, v2, keys: Keys, px: Pixels) -> Views:
+        n, h, w, _ = v1.shape
+        masks = self.masks(v1, keys)
+        perm = partner(n, self.mixmask.partner, keys, v1.device)
+        lam = mk.realised_lam(masks, h, w)  # (N,)
+        masks = masks.to(v1.device)
+        x1, x2, mixed = px.mix(v1, v2, masks, perm)
+        hard = None
+        if self.cfg.hard_negative:
+            hard = hard_negative(px.normalize(v2, torch.float32), v2, self.cfg, self.mixmask.grid, keys, px)
+        return Views(x1, x2, (mixed_view(mixed, perm, lam, masks, self.name),), hard)
