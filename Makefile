@@ -13,7 +13,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 NPROC  ?= 1
 
-.PHONY: setup apt train test bench bench-readme bench-kernels bench-loaders bench-frameworks clean
+.PHONY: setup apt train test bench bench-readme bench-kernels bench-loaders bench-frameworks compare clean
 
 setup: $(STAMP)
 
@@ -64,6 +64,10 @@ bench-loaders: setup
 SEEDS ?= 0
 bench-frameworks: setup
 	$(PY) -m benchmarks.frameworks --seeds $(SEEDS) --out bench-out/frameworks --readme README.md
+
+# The seed papers' comparison in miniature (MoCo v2 + each masking method, 3 seeds): README's methods table + plot.
+compare: setup
+	$(PY) -m benchmarks.methods --seeds $(or $(SEEDS),0,1,2) --out bench-out/methods --readme README.md
 
 clean:
 	rm -rf runs bench-out .pytest_cache

@@ -82,10 +82,13 @@ def data_root(cfg: Config, accelerator) -> Path:
 
 
 def default_configs(overrides: list[str]) -> list[Path]:
-    """The demo recipe for the framework a ``model.framework=...`` override names (else moco_v2)."""
-    framework = parse_cli_overrides(overrides).get("model", {}).get("framework", "moco_v2")
-    overlay = CONFIGS / f"demo_{framework}.yaml"
-    return [CONFIGS / "demo.yaml"] + ([overlay] if overlay.is_file() else [])
+    """The demo recipe: configs/demo.yaml, then the overlays of the framework and the mixing method that the
+    ``model.framework=...`` / ``mask.method=...`` overrides name (else moco_v2 and mixmask), where they exist."""
+    asked = parse_cli_overrides(overrides)
+    framework = asked.get("model", {}).get("framework", "moco_v2")
+    method = asked.get("mask", {}).get("method", "mixmask")
+    overlays = [CONFIGS / f"demo_{framework}.yaml", CONFIGS / f"demo_mask_{method}.yaml"]
+    return [CONFIGS / "demo.yaml"] + [p for p in overlays if p.is_file()]
 
 
 def build_model(cfg: Config, world: int):

@@ -112,8 +112,8 @@ def _check(fg, N, C, g, r_lo, r_hi, spatial_p, focal_p, focal_size, cap, mode, H
     for name, p in (("spatial_p", spatial_p), ("focal_p", focal_p), ("cap", cap)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {p}")
-    if not 0.0 < focal_size <= 1.0:
-        raise ValueError(f"focal_size must be in (0, 1], got {focal_size}")
+    if not 0.0 < focal_size <= 1.0 or (focal_p > 0 and np.floor(focal_size * min(H, W) + 0.5) < 1):
+        raise ValueError(f"focal_size must be in (0, 1] and leave a window of >= 1 px, got {focal_size} at {H}x{W}")
     if fg is not None and tuple(fg.shape) != (N, g * g):
         raise ValueError(f"fg must be (N={N}, g*g={g * g}), got {fg.shape}")
     if mode != "uniform" and fg is None:

@@ -24,7 +24,8 @@ noise_fill_(x, masks, boxes, std, seed, epoch, batch_index, stream)        in pl
 high_pass(x, out, ksize, sigma)
     MSCN's high-pass filter: out = x - G * x, G the normalised 1-D Gaussian
     g[i] = exp(-((i - (k-1)/2) / sigma)^2 / 2) / sum, applied along W then H with reflect padding
-    (torchvision's gaussian_blur). The blur is accumulated in float32, taps in index order.
+    (torchvision's gaussian_blur). The blur is accumulated in float32, taps in index order, on every route
+    (kernel, reference, CUDA), so they agree bit for bit.
 
 mixup(x, perm, lam, out)
     Un-Mix's global mixup (Shen et al., AAAI 2022): out[j] = lam_j x[j] + (1 - lam_j) x[perm[j]],
@@ -192,6 +193,8 @@ def _check_mixup(x, perm, lam, out) -> None:
     N = int(x.shape[0])
     if tuple(perm.shape) != (N,) or np.dtype(perm.dtype) != np.int64 or tuple(lam.shape) != (N,):
         raise ValueError(f"perm must be (N={N},) int64 and lam (N,), got {perm.shape} {perm.dtype}, {lam.shape}")
+    if N and (np.asarray(perm).min() < 0 or np.asarray(perm).max() >= N):
+        raise ValueError(f"perm entries must lie in [0, N={N})")
     if np.may_share_memory(x, out):
         raise ValueError("mixup needs out apart from x (partners are read after they would be written)")
 
@@ -234,14 +237,21 @@ def noise_fill_reference(x, masks, boxes, std, seed, epoch, batch_index, stream)
 
 
 def high_pass_reference(x, out, ksize: int = 11, sigma: float = 5.0) -> None:
+    """The same float32 arithmetic as the kernel (taps in index order), so every route gives the same bits."""
     check_pair(x, out)
-    g = gaussian_taps(ksize, sigma).astype(np.float64)
+    g = gaussian_taps(ksize, sigma)
     half = ksize // 2
-    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (0, 0), (half, half), (half, half)), mode="reflect")
     H, W = x.shape[2:]
-    rows = sum(g[i] * xp[:, :, :, i:i + W] for i in range(ksize))      # (N, C, H + 2 half, W)
-    blur = sum(g[i] * rows[:, :, i:i + H, :] for i in range(ksize))    # (N, C, H, W)
-    out[...] = (np.asarray(x, np.float64) - blur).astype(np.float32)
+    x = np.asarray(x, np.float32)
+    xp = np.pad(x, ((0, 0), (0, 0), (0, 0), (half, half)), mode="reflect")   # (N, C, H, W + 2 half)
+    rows = np.zeros(x.shape, np.float32)
+    for i in range(ksize):
+        rows += g[i] * xp[:, :, :, i:i + W]                                   # blur along W
+    rp = np.pad(rows, ((0, 0), (0, 0), (half, half), (0, 0)), mode="reflect")  # (N, C, H + 2 half, W)
+    blur = np.zeros(x.shape, np.float32)
+    for i in range(ksize):
+        blur += g[i] * rp[:, :, i:i + H, :]                                   # then along H
+    out[...] = x - blur
 
 
 def mixup_reference(x, perm, lam, out) -> None:

@@ -243,6 +243,8 @@ def mixup(x, perm, lam, out, cuda_stream=0) -> None:
         raise ValueError(f"perm must be (N={N},) int64 and lam (N,), got {perm.shape} {perm.dtype}, {lam.shape}")
     if _overlap(x, out):
         raise ValueError("mixup needs out apart from x (partners are read after they would be written)")
+    # perm's range is not checked here (that would copy it to the host and synchronise): callers pass
+    # permutations made by mixmask.masks.partner_permutation / mixmask.mixing.base.partner
     N, C, H, W = (int(s) for s in x.shape)
     if not (N and C and H and W):
         return

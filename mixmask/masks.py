@@ -48,9 +48,9 @@ def cell_index(size: int, g: int, device: torch.device | str = "cpu") -> torch.T
 
 def upsample(masks: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Nearest upsampling with integer cell indices.  (M, g, g) -> (M, H, W)"""
-    g = masks.shape[-1]
-    rows = cell_index(h, g, masks.device)
-    cols = cell_index(w, g, masks.device)
+    gh, gw = masks.shape[-2:]
+    rows = cell_index(h, gh, masks.device)
+    cols = cell_index(w, gw, masks.device)
     return masks[:, rows][:, :, cols]
 
 
@@ -59,9 +59,9 @@ def realised_lam(masks: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
     (M, g, g) -> (M,) float32. Exact: sum_{a,b} G[a,b] * rows_in_cell[a] * cols_in_cell[b] / (H W).
     """
-    g = masks.shape[-1]
-    rcount = torch.bincount(cell_index(h, g), minlength=g).to(torch.float64)  # (g,)
-    ccount = torch.bincount(cell_index(w, g), minlength=g).to(torch.float64)  # (g,)
+    gh, gw = masks.shape[-2:]
+    rcount = torch.bincount(cell_index(h, gh), minlength=gh).to(torch.float64)  # (gh,)
+    ccount = torch.bincount(cell_index(w, gw), minlength=gw).to(torch.float64)  # (gw,)
     kept = torch.einsum("mab,a,b->m", masks.cpu().to(torch.float64), rcount, ccount)
     return (kept / (h * w)).to(torch.float32)
 

@@ -82,6 +82,12 @@ class Pixels:
         fn = km.sample_masks_reference if self.route == "torch" else km.sample_masks
         return torch.from_numpy(fn(*args))
 
+    def cell_masks(self, *args):
+        """kernels.cells.cell_masks (or its reference on the torch route) -> (masks, boxes) numpy arrays."""
+        from kernels import cells as kc
+
+        return (kc.cell_masks_reference if self.route == "torch" else kc.cell_masks)(*args)
+
     # -- float work in normalised units ----------------------------------------------------------
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """A float32 view -> the training dtype and memory format."""

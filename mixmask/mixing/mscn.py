@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels import cells as kc
 from kernels.fill import filled_reference, gaussian_taps
 from kernels.rng import STREAMS
 from mixmask.mixing.base import Keys, Mixer, Pixels, Views
@@ -86,14 +85,14 @@ class MSCN(Mixer):
             x2 = px.high_pass(x2, self.cfg.hp_kernel, self.cfg.hp_sigma)
         return x1, x2
 
-    def query_masks(self, fg, mode: str, n: int, h: int, w: int, keys: Keys, cap: float = 1.0):
+    def query_masks(self, fg, mode: str, n: int, h: int, w: int, keys: Keys, px: Pixels, cap: float = 1.0):
         c = self.cfg
-        return kc.cell_masks(fg, n, 3, c.grid, c.ratio[0], c.ratio[1], c.spatial_p, c.focal_p, c.focal_size, cap, mode,
+        return px.cell_masks(fg, n, 3, c.grid, c.ratio[0], c.ratio[1], c.spatial_p, c.focal_p, c.focal_size, cap, mode,
                              h, w, keys.seed, keys.epoch, keys.batch_index, STREAMS["cells"])
 
     def __call__(self, v1, v2, keys: Keys, px: Pixels) -> Views:
         n, h, w, _ = v1.shape
         x1, x2 = self.filtered_views(v1, v2, px)
-        masks, boxes = self.query_masks(None, "uniform", n, h, w, keys)
+        masks, boxes = self.query_masks(None, "uniform", n, h, w, keys, px)
         erase_(x1, masks, boxes, self.cfg, self.cfg.noise_std, keys, STREAMS["noise"], px)
         return Views(px.finish(x1), px.finish(x2))

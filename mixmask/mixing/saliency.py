@@ -88,7 +88,7 @@ def hard_negative(x2f: torch.Tensor, v2, cfg: SaliencyConfig, grid: int, keys: K
     """A copy of the key view (float32, normalised) with r ~ U(hard_ratio) of its foreground cells noised."""
     n, _, h, w = x2f.shape
     fg = foreground(v2, grid, cfg.threshold)
-    masks, boxes = kc.cell_masks(fg, n, 3, grid, cfg.hard_ratio[0], cfg.hard_ratio[1], 1.0, 0.0, 1.0, 1.0, "foreground",
+    masks, boxes = px.cell_masks(fg, n, 3, grid, cfg.hard_ratio[0], cfg.hard_ratio[1], 1.0, 0.0, 1.0, 1.0, "foreground",
                                  h, w, keys.seed, keys.epoch, keys.batch_index, STREAMS["hard_cells"])
     return px.finish(px.noise_fill_(x2f.clone(), masks, boxes, cfg.hard_noise_std, keys, STREAMS["hard_noise"]))
 
@@ -110,7 +110,7 @@ class Saliency(Mixer):
         m = self.mscn.cfg
         x1, x2 = self.mscn.filtered_views(v1, v2, px)
         fg = foreground(v1, m.grid, self.cfg.threshold)
-        masks, boxes = self.mscn.query_masks(fg, "balanced", n, h, w, keys, cap=self.cfg.cap)
+        masks, boxes = self.mscn.query_masks(fg, "balanced", n, h, w, keys, px, cap=self.cfg.cap)
         erase_(x1, masks, boxes, m, m.noise_std, keys, STREAMS["noise"], px)
         hard = hard_negative(x2, v2, self.cfg, m.grid, keys, px) if self.cfg.hard_negative else None
         return Views(px.finish(x1), px.finish(x2), (), hard)
@@ -128,18 +128,18 @@ class SaliencyMixMask(Mixer):
     def from_config(cls, cfg) -> SaliencyMixMask:
         return cls(MixMask.from_config(cfg), cfg.saliency)
 
-    def masks(self, v1, keys: Keys) -> torch.Tensor:
+    def masks(self, v1, keys: Keys, px: Pixels) -> torch.Tensor:
         """Balanced cells filled from the partner.  -> (N, g, g) uint8 on the host, 1 = keep x1"""
         n, h, w, _ = v1.shape
         g, r = self.mixmask.grid, self.mixmask.ratio
         fg = foreground(v1, g, self.cfg.threshold)
-        masks, _ = kc.cell_masks(fg, n, 1, g, r, r, 1.0, 0.0, 1.0, self.cfg.cap, "balanced", h, w, keys.seed,
+        masks, _ = px.cell_masks(fg, n, 1, g, r, r, 1.0, 0.0, 1.0, self.cfg.cap, "balanced", h, w, keys.seed,
                                  keys.epoch, keys.batch_index, STREAMS["cells"])
         return torch.from_numpy(masks[:, 0])
 
     def __call__(self, v1, v2, keys: Keys, px: Pixels) -> Views:
         n, h, w, _ = v1.shape
-        masks = self.masks(v1, keys)
+        masks = self.masks(v1, keys, px)
         perm = partner(n, self.mixmask.partner, keys, v1.device)
         lam = mk.realised_lam(masks, h, w)  # (N,)
         masks = masks.to(v1.device)

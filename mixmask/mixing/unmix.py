@@ -4,7 +4,8 @@
 Per batch, from the batch stream (kernels/rng.py STREAMS["batch"], sample 0, call 0: u0..u3):
     lam ~ Beta(1, 1) = u0;  with probability mixup_p (u1 < mixup_p) global mixup, in float after
     normalisation:           x~_j = lam x1_j + (1 - lam) x1_perm[j]
-    otherwise CutMix: a box of side sqrt(1 - lam) H x sqrt(1 - lam) W, centre (floor(u2 H), floor(u3 W)),
+    otherwise CutMix: a box of side ~sqrt(1 - lam) H x sqrt(1 - lam) W (Yun et al.'s rand_bbox: centre
+    (floor(u2 H), floor(u3 W)), half-sides int(sqrt(1 - lam) H) // 2 and int(sqrt(1 - lam) W) // 2),
     clipped to the image, filled from x1_perm[j] in a COPY of x1 (uint8 select in the fused kernel),
     and lam RECOMPUTED from the clipped box: lam = 1 - box area / (H W).
 perm: the batch reversed (Un-Mix), rolled by one for odd N. The loss credits x~ by lam like MixMask.
