@@ -252,6 +252,9 @@ def cmd_train(cfg: Config) -> dict:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model, d["lr"])
     model, optimizer = accelerator.prepare(model, optimizer)
+    saliency = getattr(loader.stage.mixer, "saliency", None)
+    if saliency is not None and saliency.wants_encoder:  # saliency.source=encoder: the model's own target map
+        saliency.feature_map = accelerator.unwrap_model(model).target_feature_map
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     resolved = {"config": cfg.to_dict(), "derived": d, "git_sha": git_sha()}

@@ -18,6 +18,13 @@ epoch runs from asking for the iterator to its last batch on the device (start-u
 included, as at every epoch boundary of a run).
 images/s: median over the timed epochs, with their min and max (the noise); per-core = images/s / cores
 used; vs_baseline: the median's ratio to the first backend's (same MixMask setting).
+
+Device-stage rows (one per mixing method, mixmask/mixing MIXERS, with the ImageNet defaults of each
+method's config section): the stage alone on fixed random uint8 views of the same batch and size on the
+training device, from the two uint8 views to the Batch (normalise + the method's masks, mixes, noise,
+high-pass, saliency, hard negative); images/s median (min-max) over the repeats of STAGE_CALLS calls each,
+and the ratio to normalisation alone ("none"). This is each method's cost inside the pipeline.
+--stage-only skips the loader rows.
 """
 
 from __future__ import annotations
@@ -73,6 +80,41 @@ def build(backend: str, root: Path, size: int, batch: int, cores: int, mask: boo
     return TorchvisionTrainLoader(index, aug, stage, batch, workers=cores, prefetch=4, device=device)
 
 
+STAGE_CALLS = 5  # stage calls per timed repeat
+
+
+def stage_rows(methods: list[str], batch: int, size: int, repeats: int, device: str) -> list[dict]:
+    """images/s of the device stage alone per mixing method ("none" = normalisation only)."""
+    import torch
+
+    from mixmask.config import Config
+    from mixmask.mixing import MIXERS, MixStage
+
+    cfg = Config()
+    g = torch.Generator().manual_seed(0)
+    v1, v2 = (torch.randint(0, 256, (batch, size, size, 3), generator=g, dtype=torch.uint8).to(device) for _ in range(2))
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+    runs: dict[str, list[float]] = {}
+    for method, n in there_and_back(methods, repeats):
+        stage = MixStage(cfg.data.mean, cfg.data.std, mixer=None if method == "none" else MIXERS[method].from_config(cfg))
+        stage(v1, v2, labels, None, 0, 0)  # warm-up: compilation, caches
+        for _ in range(n):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for step in range(STAGE_CALLS):
+                stage(v1, v2, labels, None, 0, step + 1)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            runs.setdefault(method, []).append(STAGE_CALLS * batch / (time.perf_counter() - t0))
+    rows = [{"method": m, "runs": runs[m], **{("images_per_sec" if k == "median" else k): v
+                                                for k, v in spread(runs[m]).items()}} for m in methods]
+    base = next((r for r in rows if r["method"] == "none"), rows[0])
+    for r in rows:
+        r["vs_none"] = r["images_per_sec"] / base["images_per_sec"]
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", required=True)
@@ -88,17 +130,22 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="training device of the batches (cuda: DALI decodes with "
                     "the mixed nvJPEG decoder and the mix runs as our CUDA kernel)")
     ap.add_argument("--hw-decoder-load", type=float, default=0.65, help="DALI on cuda: hardware decoder share")
+    ap.add_argument("--methods", default="none,mixmask,unmix,unmix_mixmask,mscn,saliency,saliency_mixmask",
+                    help="device-stage rows, one per mixing method (none = normalisation only; empty = no rows)")
+    ap.add_argument("--stage-only", action="store_true", help="only the device-stage rows (no JPEG set needed)")
     ap.add_argument("--quick", action="store_true", help="tiny run for CI: 48 images, 64 px, 1 repeat")
     a = ap.parse_args(argv)
     if a.quick:
         a.images, a.batch, a.size, a.repeats = 48, 16, 64, 1
-    root = data_root(a.data, a.images, a.cores)
-    facts = imagenet_like.facts(root)
     import torch
 
     torch.set_num_threads(a.cores)
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    stage = stage_rows(methods, a.batch, a.size, a.repeats, a.device) if methods else []
+    root = None if a.stage_only else data_root(a.data, a.images, a.cores)
+    facts = imagenet_like.facts(root) if root else {}
     rows = []
-    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    backends = [] if a.stage_only else [b.strip() for b in a.backends.split(",") if b.strip()]
     runs: dict[tuple, list[float]] = {}
     plan = [(backend, mask) for mask in (False, True) for backend in backends]
     for (backend, mask), n in there_and_back(plan, a.repeats):
@@ -119,6 +166,17 @@ def main(argv=None) -> int:
     device = machine() | {"cores": a.cores, "device": a.device,
                           "gpu": torch.cuda.get_device_name() if a.device == "cuda" else None,
                           "hw_decoder_load": a.hw_decoder_load if a.device == "cuda" else None}
+    if stage:
+        print(f"device stage alone, batch {a.batch} of {a.size}px views, {a.device}, median (min-max) of {a.repeats} x "
+              f"{STAGE_CALLS} calls")
+        print(f"{'method':18} {'img/s':>9} {'min-max':>15} {'vs none':>8}")
+        for r in stage:
+            print(f"{r['method']:18} {r['images_per_sec']:9.1f} {r['min']:7.0f}-{r['max']:<7.0f} {r['vs_none']:7.2f}x")
+    if a.stage_only:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"device": device, "args": vars(a), "stage": stage}, indent=2))
+        print(f"wrote {a.json}")
+        return 0
     print(f"two-view loaders, {facts['files']} JPEGs ~{facts['mean_wh'][0]:.0f}x{facts['mean_wh'][1]:.0f} "
           f"{facts['mean_kb']:.0f} KB, views {a.size}px, batch {a.batch}, {a.cores} cores, device {a.device}, "
           f"median (min-max) of {a.repeats} epochs")
@@ -129,8 +187,8 @@ def main(argv=None) -> int:
         print(f"{r['backend']:15} {'on' if r['mixmask'] else 'off':7} {r['images_per_sec']:8.1f} "
               f"{r['min']:6.0f}-{r['max']:<6.0f} {r['per_core']:8.1f} {r['vs_baseline']:14.2f}x")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps({"device": device, "dataset": facts, "args": vars(a), "results": rows},
-                                       indent=2))
+    Path(a.json).write_text(json.dumps({"device": device, "dataset": facts, "args": vars(a), "results": rows,
+                                        "stage": stage}, indent=2))
     print(f"wrote {a.json}")
     return 0
 

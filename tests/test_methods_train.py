@@ -48,3 +48,15 @@ def test_every_method_trains_on_backend(tiny_data, tmp_path, backend, module):
         summary = json.loads((tmp_path / method / "summary.json").read_text())
         assert summary["steps"] == 2 and summary["config"]["data"]["backend"] == backend
         assert summary["config"]["mask"]["method"] == method
+
+
+def test_saliency_from_the_models_own_encoder(tiny_data, tmp_path):
+    """saliency.source=encoder: train.py hands MoCo's key encoder's feature map to the mixer; it trains and
+    its masks differ from the spectral-residual run's (the losses differ from step 1 on)."""
+    runs = {}
+    for source in ("encoder", "spectral"):
+        res = run_train(*tiny_args(tiny_data, tmp_path, source, "mask.method=saliency", f"saliency.source={source}",
+                                   "run.max_steps=2"))
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[source] = {r["step"]: r["loss"] for r in read_metrics(tmp_path / source) if "loss" in r}
+    assert runs["encoder"][1] != runs["spectral"][1]

@@ -5,6 +5,7 @@ The engine, the evaluations and train.py call only these:
     forward(batch) -> {"loss": scalar, <part>: scalar, ...}   parts are logged as they are
     features(x)    -> (N, C)   pooled online-backbone features (kNN, linear probe)
     feature_map(x) -> (N, C, h, w)   the online backbone's last map (saliency, ContrastiveCrop)
+    target_feature_map(x)            the momentum/target backbone's last map (the online one if none)
     param_groups(weight_decay, exclude_bias_bn) -> optimizer groups; a group may carry
                       "lr_scale" (its lr = scale x the scheduled lr) or "fixed_lr" (never decayed)
     after_step(step, total_steps)   once per optimizer step, after it: momentum/EMA updates
@@ -40,6 +41,11 @@ class Framework(nn.Module):
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, C, h, w)
         return self.backbone.feature_map(x)
+
+    def target_feature_map(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, C, h, w)
+        """The momentum/target network's last map where there is one (saliency from the model's own view);
+        frameworks without one use the online backbone."""
+        return self.feature_map(x)
 
     def param_groups(self, weight_decay: float, exclude_bias_bn: bool = False) -> list[dict]:
         """Trainable parameters; exclude_bias_bn puts biases and norm weights (ndim <= 1) in a group

@@ -50,6 +50,9 @@ class BYOL(Framework):
     def backbone(self) -> Backbone:
         return self.online.backbone
 
+    def target_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.target.backbone.feature_map(x)
+
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         p1, p2 = self.predictor(self.online(batch.x1)), self.predictor(self.online(batch.x2))  # (N, D)
         with torch.no_grad():

@@ -73,6 +73,9 @@ class MoCoV2(Framework):
     def backbone(self) -> Backbone:
         return self.encoder_q.backbone
 
+    def target_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder_k.backbone.feature_map(x)
+
     def _shuffle(self, n: int, device: torch.device) -> torch.Tensor:
         """The next shuffle-BN permutation, a function of (seed, count) only: exact on resume and the
         same on every process (no dependence on the global RNG, which data loading also consumes)."""

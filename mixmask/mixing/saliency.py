@@ -1,11 +1,17 @@
 """Saliency-guided masking with hard negatives (Chin et al., arXiv 2309.12757, WACV 2024) and the
 saliency-guided MixMask (ours). docs/methods.md §7.
 
-Saliency without labels: the spectral residual of each view (Hou & Zhang, CVPR 2007), computed on the
-device from the uint8 view:  g = grey level (downsampled to at most 64 px), F = FFT(g),
-R = log|F| - box3(log|F|), S = |IFFT(exp(R + i angle(F)))|^2 smoothed; A_j = the mean of S over each
-cell of the g x g grid (the cells of the masks: cell_row(y) = (y g) // H); foreground cells
-A >= mean(A) - threshold std(A) per sample (kernels/cells.py foreground_cells).
+Saliency map S_j of a view (N, h, w), by ``saliency.source``:
+- "spectral" (default, no labels, no network): the spectral residual (Hou & Zhang, CVPR 2007), computed on
+  the device from the uint8 view: g = grey level (downsampled to at most 64 px), F = FFT(g),
+  R = log|F| - box3(log|F|), S = |IFFT(exp(R + i angle(F)))|^2 smoothed;
+- "encoder" (no labels): the channel sum of the momentum/target encoder's last feature map on the
+  normalised view (Framework.target_feature_map, refreshed every step: train.py hands it to the mixer);
+- "file" (the paper's, for fidelity: supervised weights leak labels): the channel sum of the last feature
+  map of a torchvision ResNet (``saliency.arch``) loaded from the local file ``saliency.weights`` (a
+  state dict, .pth or .safetensors; never downloaded), frozen, in eval mode.
+A_j = the mean of S_j over each cell of the g x g grid (the masks' cells: cell_row(y) = (y g) // h);
+foreground cells A >= mean(A) - threshold std(A) per sample (kernels/cells.py foreground_cells).
 
 "saliency" (erase, the paper): as MSCN (mixmask/mixing/mscn.py: high-pass, focal, channel-wise, noise
 0.18), but the query's cells are spread evenly over foreground and background (kernels/cells.py mode
@@ -22,7 +28,9 @@ the object and its background helps MixMask the way it helps erasing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -41,7 +49,9 @@ SALIENCY_SIZE = 64  # the spectral residual is computed at most at this resoluti
 
 @dataclass
 class SaliencyConfig:
-    source: Literal["spectral"] = "spectral"  # label-free saliency: the spectral residual of each view
+    source: Literal["spectral", "encoder", "file"] = "spectral"  # spectral residual | target encoder's map | a local supervised net
+    weights: str = ""  # source=file: a torchvision ResNet state dict (.pth / .safetensors), read locally
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"  # source=file: its torchvision architecture
     threshold: float = 0.6  # foreground cells: A >= mean(A) - threshold std(A)
     cap: float = 0.55  # at most this fraction of all cells masked in the foreground
     hard_negative: bool = True  # append a masked copy of the key view as an extra negative
@@ -52,8 +62,54 @@ class SaliencyConfig:
         lo, hi = (self.hard_ratio + [0, 0])[:2]
         checks = [(self.threshold >= 0, "threshold must be >= 0"), (0 <= self.cap <= 1, "cap must be in [0, 1]"),
                   (len(self.hard_ratio) == 2 and 0 <= lo <= hi <= 1, "hard_ratio must be [lo, hi] in [0, 1]"),
-                  (self.hard_noise_std >= 0, "hard_noise_std must be >= 0")]
+                  (self.hard_noise_std >= 0, "hard_noise_std must be >= 0"),
+                  (self.source != "file" or bool(self.weights), "source=file needs weights (a local state-dict file)"),
+                  (self.source != "file" or not self.weights or Path(self.weights).is_file(),
+                   f"weights: no such file {self.weights!r}")]
         return [m for ok, m in checks if not ok]
+
+
+FeatureMap = Callable[[torch.Tensor], torch.Tensor]  # normalised (N, 3, H, W) float32 -> (N, C, h, w)
+
+
+def file_network(path: str, arch: str) -> FeatureMap:
+    """The last feature map of a torchvision ResNet with the weights of a local file, frozen, eval mode."""
+    import torchvision
+
+    net = getattr(torchvision.models, arch)(weights=None)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    net.load_state_dict(state)  # strict: a wrong file is an error, not a random network
+    body = torch.nn.Sequential(*list(net.children())[:-2]).eval().requires_grad_(False)
+    return body
+
+
+class SaliencySource:
+    """S_j of a uint8 view by cfg.source (module docstring); ``feature_map`` is set for "encoder"."""
+
+    def __init__(self, cfg: SaliencyConfig):
+        self.cfg = cfg
+        self.feature_map: FeatureMap | None = file_network(cfg.weights, cfg.arch) if cfg.source == "file" else None
+
+    @property
+    def wants_encoder(self) -> bool:
+        return self.cfg.source == "encoder"
+
+    def __call__(self, v: torch.Tensor, px: Pixels) -> torch.Tensor:  # (N, H, W, 3) uint8 -> (N, h, w)
+        if self.cfg.source == "spectral":
+            return spectral_residual(v)
+        if self.feature_map is None:
+            raise RuntimeError("saliency.source=encoder: no encoder was handed to the mixer (train.py does it)")
+        net = self.feature_map
+        if isinstance(net, torch.nn.Module):
+            net = net.to(v.device)
+        with torch.no_grad():
+            return net(px.normalize(v, torch.float32)).float().sum(dim=1)  # (N, h, w) channel sum
 
 
 def spectral_residual(v: torch.Tensor) -> torch.Tensor:
@@ -79,15 +135,15 @@ def cell_means(s: torch.Tensor, g: int) -> torch.Tensor:
     return (total / (rows.sum(0)[:, None] * cols.sum(0)[None, :])).reshape(n, g * g)
 
 
-def foreground(v: torch.Tensor, g: int, threshold: float) -> np.ndarray:
-    """Foreground cells of each view.  (N, H, W, 3) uint8 -> (N, g*g) uint8 on the host"""
-    return kc.foreground_cells(cell_means(spectral_residual(v), g).cpu().numpy(), threshold)
+def foreground(s: torch.Tensor, g: int, threshold: float) -> np.ndarray:
+    """Foreground cells of saliency maps.  (N, h, w) -> (N, g*g) uint8 on the host"""
+    return kc.foreground_cells(cell_means(s, g).cpu().numpy(), threshold)
 
 
-def hard_negative(x2f: torch.Tensor, v2, cfg: SaliencyConfig, grid: int, keys: Keys, px: Pixels) -> torch.Tensor:
-    """A copy of the key view (float32, normalised) with r ~ U(hard_ratio) of its foreground cells noised."""
+def hard_negative(x2f: torch.Tensor, fg: np.ndarray, cfg: SaliencyConfig, grid: int, keys: Keys,
+                  px: Pixels) -> torch.Tensor:
+    """A copy of the key view (float32, normalised) with r ~ U(hard_ratio) of its foreground cells fg noised."""
     n, _, h, w = x2f.shape
-    fg = foreground(v2, grid, cfg.threshold)
     masks, boxes = px.cell_masks(fg, n, 3, grid, cfg.hard_ratio[0], cfg.hard_ratio[1], 1.0, 0.0, 1.0, 1.0, "foreground",
                                  h, w, keys.seed, keys.epoch, keys.batch_index, STREAMS["hard_cells"])
     return px.finish(px.noise_fill_(x2f.clone(), masks, boxes, cfg.hard_noise_std, keys, STREAMS["hard_noise"]))
@@ -98,7 +154,7 @@ class Saliency(Mixer):
     sections = ("mscn", "saliency")
 
     def __init__(self, mscn: MSCN, cfg: SaliencyConfig = SaliencyConfig()):
-        self.mscn, self.cfg = mscn, cfg
+        self.mscn, self.cfg, self.saliency = mscn, cfg, SaliencySource(cfg)
         self.hard_negatives = cfg.hard_negative
 
     @classmethod
@@ -109,10 +165,13 @@ class Saliency(Mixer):
         n, h, w, _ = v1.shape
         m = self.mscn.cfg
         x1, x2 = self.mscn.filtered_views(v1, v2, px)
-        fg = foreground(v1, m.grid, self.cfg.threshold)
+        fg = foreground(self.saliency(v1, px), m.grid, self.cfg.threshold)
         masks, boxes = self.mscn.query_masks(fg, "balanced", n, h, w, keys, px, cap=self.cfg.cap)
         erase_(x1, masks, boxes, m, m.noise_std, keys, STREAMS["noise"], px)
-        hard = hard_negative(x2, v2, self.cfg, m.grid, keys, px) if self.cfg.hard_negative else None
+        hard = None
+        if self.cfg.hard_negative:
+            hard = hard_negative(x2, foreground(self.saliency(v2, px), m.grid, self.cfg.threshold), self.cfg, m.grid,
+                                 keys, px)
         return Views(px.finish(x1), px.finish(x2), (), hard)
 
 
@@ -121,7 +180,7 @@ class SaliencyMixMask(Mixer):
     sections = ("mask", "saliency")
 
     def __init__(self, mixmask: MixMask, cfg: SaliencyConfig = SaliencyConfig()):
-        self.mixmask, self.cfg = mixmask, cfg
+        self.mixmask, self.cfg, self.saliency = mixmask, cfg, SaliencySource(cfg)
         self.hard_negatives = cfg.hard_negative
 
     @classmethod
@@ -132,7 +191,7 @@ class SaliencyMixMask(Mixer):
         """Balanced cells filled from the partner.  -> (N, g, g) uint8 on the host, 1 = keep x1"""
         n, h, w, _ = v1.shape
         g, r = self.mixmask.grid, self.mixmask.ratio
-        fg = foreground(v1, g, self.cfg.threshold)
+        fg = foreground(self.saliency(v1, px), g, self.cfg.threshold)
         masks, _ = px.cell_masks(fg, n, 1, g, r, r, 1.0, 0.0, 1.0, self.cfg.cap, "balanced", h, w, keys.seed,
                                  keys.epoch, keys.batch_index, STREAMS["cells"])
         return torch.from_numpy(masks[:, 0])
@@ -146,5 +205,7 @@ class SaliencyMixMask(Mixer):
         x1, x2, mixed = px.mix(v1, v2, masks, perm)
         hard = None
         if self.cfg.hard_negative:
-            hard = hard_negative(px.normalize(v2, torch.float32), v2, self.cfg, self.mixmask.grid, keys, px)
+            g = self.mixmask.grid
+            hard = hard_negative(px.normalize(v2, torch.float32), foreground(self.saliency(v2, px), g, self.cfg.threshold),
+                                 self.cfg, g, keys, px)
         return Views(x1, x2, (mixed_view(mixed, perm, lam, masks, self.name),), hard)

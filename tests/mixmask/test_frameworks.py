@@ -536,3 +536,24 @@ def test_barlow_twins_bias_norm_group(exclude):
     else:
         assert set(groups) == {"weights"} and groups["weights"]["lr_scale"] == 1.0
     assert all(not g["fixed_lr"] for g in groups.values())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_several_mixed_views_add_up(name):
+    """Un-Mix + MixMask hands two mixed views: the framework's mixed loss is the sum of each view's
+    (an erased view without a partner, perm None, is credited wholly to its own target)."""
+    base = make_batch(3)
+    g = gen(5)
+    other = Mixed(torch.randn(N, 3, SIZE, SIZE, generator=g), torch.randperm(N, generator=g), torch.rand(N, generator=g))
+    erased = Mixed(torch.randn(N, 3, SIZE, SIZE, generator=g), None, torch.ones(N))
+    model = build(name, **PLAIN.get(name, {}))
+
+    def loss_mix(mixes):
+        m = copy.deepcopy(model)  # the same state for every call (MoCo's queue moves at each forward)
+        torch.manual_seed(0)
+        return m(Batch(base.x1, base.x2, base.labels, mixes=mixes))["loss_mix"]
+
+    first, second, third = base.mixes[0], other, erased
+    both = loss_mix((first, second, third))
+    assert torch.allclose(both, loss_mix((first,)) + loss_mix((second,)) + loss_mix((third,)), rtol=1e-5, atol=1e-6)
+    assert "loss_mix" not in copy.deepcopy(model)(Batch(base.x1, base.x2, base.labels))

@@ -30,7 +30,7 @@ from mixmask.frameworks.moco_v2 import MoCoV2, MoCoV2Config
 from mixmask.fused import normalize
 from mixmask.losses import info_nce
 from mixmask.mixing import MIXERS, MixStage
-from mixmask.mixing.saliency import foreground
+from mixmask.mixing.saliency import foreground, spectral_residual
 from mixmask.mixing.unmix import cutmix_box, draw
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -221,7 +221,7 @@ def test_mixmask_provenance(method, mask_opts, route, h):
         n_masks = N if cfg.mask.per_sample else 1
         expect_mask = sample_masks_reference(cfg.mask.kind, n_masks, G, cfg.mask.ratio, seed, epoch, bi)
     else:
-        fg = foreground(v1, G, cfg.saliency.threshold)
+        fg = foreground(spectral_residual(v1), G, cfg.saliency.threshold)
         r = cfg.mask.ratio
         expect_mask = cell_masks_reference(fg, N, 1, G, r, r, 1.0, 0.0, 1.0, cfg.saliency.cap, "balanced", h, h,
                                            seed, epoch, bi, STREAMS["cells"])[0][:, 0]
@@ -239,7 +239,7 @@ def test_saliency_mixmask_spreads_cells_over_foreground_and_background():
     v1, v2 = views(2, structured=True)
     cfg = make_cfg("saliency_mixmask", saliency={"hard_negative": False})
     b = call(make_stage("saliency_mixmask", cfg), v1, v2)
-    fg = torch.from_numpy(foreground(v1, G, cfg.saliency.threshold)).bool().reshape(N, G, G)
+    fg = torch.from_numpy(foreground(spectral_residual(v1), G, cfg.saliency.threshold)).bool().reshape(N, G, G)
     n_cells = int(cfg.mask.ratio * G * G)
     for j in range(N):
         taken = b.mask[j] == 0
@@ -429,7 +429,7 @@ def test_saliency_provenance_and_hard_negative(route):
     assert b.mixes == ()
 
     # the query: balanced cells on v1's foreground and background, noise of the noise stream
-    fg1 = foreground(v1, G, s.threshold)
+    fg1 = foreground(spectral_residual(v1), G, s.threshold)
     masks, boxes = cell_masks_reference(fg1, N, 3, G, c.ratio[0], c.ratio[1], c.spatial_p, c.focal_p, c.focal_size,
                                         s.cap, "balanced", h, w, seed, epoch, bi, STREAMS["cells"])
     check_erased(b.x1, high_pass(norm(v1), cfg), erased_elements(masks, boxes, 3, h, w),
@@ -438,7 +438,7 @@ def test_saliency_provenance_and_hard_negative(route):
     # the hard negative: a copy of the (high-passed) key view with some of ITS foreground cells noised
     hard = b.hard_negative
     assert hard is not None and hard.dtype == torch.float32 and hard.is_contiguous(memory_format=torch.channels_last)
-    fg2 = torch.from_numpy(foreground(v2, G, s.threshold)).bool().reshape(N, G, G)
+    fg2 = torch.from_numpy(foreground(spectral_residual(v2), G, s.threshold)).bool().reshape(N, G, G)
     changed = hard != b.x2  # (N, 3, H, W)
     hard_fill = noise(s.hard_noise_std, seed, epoch, bi, "hard_noise", N, 3, h, w)
     assert torch.equal(hard[changed], hard_fill[changed])
@@ -481,7 +481,7 @@ def test_saliency_mixmask_hard_negative(route):
     b = call(stage, v1, v2)
     seed, epoch, bi = keys_of(stage)
     s = cfg.saliency
-    fg2 = foreground(v2, G, s.threshold)
+    fg2 = foreground(spectral_residual(v2), G, s.threshold)
     masks, boxes = cell_masks_reference(fg2, N, 3, G, *s.hard_ratio, 1.0, 0.0, 1.0, 1.0, "foreground", H, W, seed,
                                         epoch, bi, STREAMS["hard_cells"])
     check_erased(b.hard_negative, norm(v2), erased_elements(masks, boxes, 3, H, W),
