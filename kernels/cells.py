@@ -1,5 +1,5 @@
 """Cell masks of erase-based and saliency-guided masking, drawn on the host (numba njit) with a
-plain-numpy reference on the same Philox stream. docs/methods.md §6-7.
+plain-numpy reference on the same Philox stream. docs/methods.md §7.2-7.4.
 
     masks, boxes = cell_masks(fg, C, g, r_lo, r_hi, spatial_p, focal_p, focal_size, cap, mode, H, W,
                               seed, epoch, batch_index, stream)

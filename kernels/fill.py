@@ -1,6 +1,6 @@
 """Float kernels of the masking family, on normalised views: noise fill, high-pass filter, mixup.
 CPU (numba njit, parallel) and plain-numpy references; the CUDA twins are in kernels/fill_cuda.py.
-docs/methods.md §5-7.
+docs/methods.md §7.
 
 Every view is a float32 array x of LOGICAL shape (N, C, H, W) with any strides (a channels_last torch
 tensor passes its .numpy() view as is; the loops visit memory in NHWC order, which is contiguous

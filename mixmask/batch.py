@@ -1,4 +1,4 @@
-"""The Batch contract: what every loader backend hands the trainer (docs/methods.md §1, §5-8).
+"""The Batch contract: what every loader backend hands the trainer (docs/methods.md §1, §7).
 
 The mixing method (mixmask/mixing) decides what the views hold; the frameworks read the fields below
 and never a method name:

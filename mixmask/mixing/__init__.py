@@ -1,4 +1,4 @@
-"""The masking family inside the input pipeline (docs/methods.md §2-8): one file per method, selected
+"""The masking family inside the input pipeline (docs/methods.md §2, §7): one file per method, selected
 by ``mask.method``; MIXERS maps each name to its class (``from_config(cfg)`` builds it from the config
 sections it lists in ``sections``). MixStage (stage.py) is what every loader backend calls."""
 

@@ -1,4 +1,4 @@
-"""What every mixing method gets and gives (docs/methods.md §5-8).
+"""What every mixing method gets and gives (docs/methods.md §2, §7).
 
 A mixer is called once per batch inside the input pipeline, on the training device:
 

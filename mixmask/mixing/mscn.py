@@ -1,5 +1,5 @@
 """MSCN-style erase masking (Jing, Zhu, LeCun, arXiv 2206.07700; the recipe of Chin et al.'s
-re-implementation, arXiv 2309.12757). docs/methods.md §6.
+re-implementation, arXiv 2309.12757). docs/methods.md §7.2.
 
 Both views are high-pass filtered after normalisation, x_hp = x - GaussianBlur(x; 11, sigma 5); the
 query view x1 is then masked and REPLACES the clean one (the framework trains on it, no extra view):

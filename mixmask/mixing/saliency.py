@@ -1,5 +1,5 @@
 """Saliency-guided masking with hard negatives (Chin et al., arXiv 2309.12757, WACV 2024) and the
-saliency-guided MixMask (ours). docs/methods.md §7.
+saliency-guided MixMask (ours). docs/methods.md §7.3-7.4.
 
 Saliency map S_j of a view (N, h, w), by ``saliency.source``:
 - "spectral" (default, no labels, no network): the spectral residual (Hou & Zhang, CVPR 2007), computed on

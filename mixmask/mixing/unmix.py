@@ -1,5 +1,5 @@
 """Un-Mix (Shen et al., AAAI 2022, arXiv 2003.05438) and Un-Mix + MixMask (MixMask, arXiv 2210.11456
-§"Un-Mix + MixMask"). docs/methods.md §5.
+§"Un-Mix + MixMask"). docs/methods.md §7.1.
 
 Per batch, from the batch stream (kernels/rng.py STREAMS["batch"], sample 0, call 0: u0..u3):
     lam ~ Beta(1, 1) = u0;  with probability mixup_p (u1 < mixup_p) global mixup, in float after
