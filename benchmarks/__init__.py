@@ -44,6 +44,23 @@ def machine() -> dict:
             "dali": package_version("nvidia-dali-cuda130"), "ffcv": package_version("ffcv")}
 
 
+def mean_std(rows: list[dict], keys: tuple[str, ...], figures: tuple[str, ...]) -> list[dict]:
+    """One row per distinct value of ``keys`` (in first-seen order): "seeds", and the mean and std (0 for
+    a single run) of every figure as f and f + "_std"."""
+    import statistics
+
+    out = []
+    for key in dict.fromkeys(tuple(r[k] for k in keys) for r in rows):
+        rs = [r for r in rows if tuple(r[k] for k in keys) == key]
+        row = {**dict(zip(keys, key)), "seeds": [r["seed"] for r in rs]}
+        for f in figures:
+            values = [r[f] for r in rs]
+            row[f] = statistics.mean(values)
+            row[f + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(row)
+    return out
+
+
 def spread(values) -> dict:
     """{"min", "median", "max"} of repeated measurements: the noise every figure is reported with."""
     import statistics

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import machine
+from benchmarks import machine, mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 MARKERS = ("<!-- frameworks:start -->", "<!-- frameworks:end -->")
@@ -58,22 +57,6 @@ def run_cell(out: Path, framework: str, masking: bool, seed: int, extra: list[st
             "wall_seconds": s["wall_seconds"]}
 
 
-def aggregate(rows: list[dict]) -> list[dict]:
-    """One row per (framework, masking): mean and std (0 for a single seed) of every figure."""
-    cells: dict[tuple, list[dict]] = {}
-    for r in rows:
-        cells.setdefault((r["framework"], r["mixmask"]), []).append(r)
-    out = []
-    for (framework, masking), rs in cells.items():
-        row = {"framework": framework, "mixmask": masking, "seeds": [r["seed"] for r in rs]}
-        for f in FIGURES:
-            values = [r[f] for r in rs]
-            row[f] = statistics.mean(values)
-            row[f + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        out.append(row)
-    return out
-
-
 def markdown(table: list[dict], facts: dict) -> str:
     def fmt(r, f, digits=1):
         return f"{r[f]:.{digits}f}" + (f" ± {r[f + '_std']:.{digits}f}" if len(r["seeds"]) > 1 else "")
@@ -103,7 +86,7 @@ def main(argv=None) -> int:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     rows = [run_cell(out, f, m == "on", int(s), a.overrides) for f in a.frameworks.split(",")
             for m in a.masking.split(",") for s in a.seeds.split(",")]
-    table, facts = aggregate(rows), machine()
+    table, facts = mean_std(rows, ("framework", "mixmask"), FIGURES), machine()
     md = markdown(table, facts)
     print(md)
     (out / "frameworks.md").write_text(md)

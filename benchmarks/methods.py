@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
-from benchmarks import machine
+from benchmarks import machine, mean_std
 from benchmarks.frameworks import run_logged
 
 MARKERS = ("<!-- methods:start -->", "<!-- methods:end -->")
@@ -51,20 +50,6 @@ def run_cell(out: Path, method: str, seed: int, epochs: int, extra: list[str]) -
     return {"run": name, "method": method, "seed": seed, "epochs": s["epochs"], "knn_top1_init": s["knn_top1_init"],
             "knn_top1": s["knn_top1"], "linear_top1": linear["top1"], "images_per_sec": s["images_per_sec"],
             "train_seconds": s["train_seconds"]}
-
-
-def aggregate(rows: list[dict]) -> list[dict]:
-    """One row per method: mean and std over its seeds of every figure."""
-    out = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        rs = [r for r in rows if r["method"] == method]
-        row = {"method": method, "seeds": [r["seed"] for r in rs]}
-        for f in FIGURES:
-            values = [r[f] for r in rs]
-            row[f] = statistics.mean(values)
-            row[f + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        out.append(row)
-    return out
 
 
 def markdown(table: list[dict], facts: dict, epochs: int, plot: str) -> str:
@@ -122,7 +107,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     rows = [run_cell(out, m, int(s), a.epochs, a.overrides) for s in a.seeds.split(",") for m in methods]
-    table, facts = aggregate(rows), machine()
+    table, facts = mean_std(rows, ("method",), FIGURES), machine()
     plot(table, out / "methods.png", a.epochs)
     md = markdown(table, facts, a.epochs, "docs/methods.png" if a.readme else "")
     print(md)

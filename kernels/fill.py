@@ -90,14 +90,9 @@ def reflect_index(i: int, n: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # Compiled CPU kernels (NUMBA_DISABLE_JIT=1 runs them as Python)
 
-_reflect = njit(inline="always")(reflect_index)
-
-
-@njit(nogil=True, inline="always")
-def _normal(seed, epoch, batch_index, j, stream, e):
-    """z_j(e): the e-th standard normal of sample j's stream (module docstring)."""
-    u0, u1, u2, u3 = uniform4(seed, epoch, batch_index, j, (stream << STREAM_SHIFT) + (e >> 2))
-    lane = e & 3
+def box_muller(u0, u1, u2, u3, lane):
+    """Normal number ``lane`` (0-3) of the Box-Muller pairs of one Philox call (module docstring), float64.
+    Backend-neutral source: compiled here with njit and in kernels/fill_cuda.py as a device function."""
     if lane < 2:
         r = math.sqrt(-2.0 * math.log(1.0 - u0))
         a = 2.0 * math.pi * u1
@@ -105,6 +100,17 @@ def _normal(seed, epoch, batch_index, j, stream, e):
         r = math.sqrt(-2.0 * math.log(1.0 - u2))
         a = 2.0 * math.pi * u3
     return r * math.cos(a) if (lane & 1) == 0 else r * math.sin(a)
+
+
+_reflect = njit(inline="always")(reflect_index)
+_box_muller = njit(inline="always")(box_muller)
+
+
+@njit(nogil=True, inline="always")
+def _normal(seed, epoch, batch_index, j, stream, e):
+    """z_j(e): the e-th standard normal of sample j's stream (module docstring)."""
+    u0, u1, u2, u3 = uniform4(seed, epoch, batch_index, j, (stream << STREAM_SHIFT) + (e >> 2))
+    return _box_muller(u0, u1, u2, u3, e & 3)
 
 
 @njit(parallel=True, nogil=True, cache=True)

@@ -37,7 +37,7 @@ import math
 import numpy as np
 from numba import config, cuda, float32
 
-from kernels.fill import check_fill, check_pair, gaussian_taps, reflect_index
+from kernels.fill import box_muller, check_fill, check_pair, gaussian_taps, reflect_index
 from kernels.mix_cuda import THREADS, _device, _ptr, _upload, uniform4_device
 from kernels.rng import STREAM_SHIFT
 
@@ -59,18 +59,14 @@ _reflect = cuda.jit(device=True, inline=True)(reflect_index)
 # ---------------------------------------------------------------------------------------------
 # Device functions and kernels
 
+_box_muller = cuda.jit(device=True, inline=True)(box_muller)
+
+
 @cuda.jit(device=True, inline=True)
 def _normal(seed, epoch, batch_index, j, stream, e):
     """z_j(e): the e-th standard normal of sample j's stream (kernels/fill.py docstring)."""
     u0, u1, u2, u3 = uniform4_device(seed, epoch, batch_index, j, (stream << STREAM_SHIFT) + (e >> 2))
-    lane = e & 3
-    if lane < 2:
-        r = math.sqrt(-2.0 * math.log(1.0 - u0))
-        a = 2.0 * math.pi * u1
-    else:
-        r = math.sqrt(-2.0 * math.log(1.0 - u2))
-        a = 2.0 * math.pi * u3
-    return r * math.cos(a) if (lane & 1) == 0 else r * math.sin(a)
+    return _box_muller(u0, u1, u2, u3, e & 3)
 
 
 @cuda.jit(device=True, inline=True)
