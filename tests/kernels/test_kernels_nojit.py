@@ -1,5 +1,6 @@
 """NUMBA_DISABLE_JIT=1 (numba's switch) runs every CPU kernel as plain Python: check in a fresh
-process that the whole CPU path (RNG, both samplers, the fused mix in every dtype and layout) still
+process that the whole CPU path (RNG, both samplers, the fused mix in every dtype and layout, the
+erase/saliency cell sampler, noise fill, high-pass and mixup) still
 equals the references, i.e. the kernels do not depend on compiled-only semantics."""
 SCRIPT = r'''
 import numba, numpy as np
@@ -29,11 +30,28 @@ for dt in (np.float32, np.float16, np.uint16):
             for o, r in zip(outs, refs):
                 np.testing.assert_array_equal(o.view(np.uint8), r.view(np.uint8))
             n += 1
-print("OK", n)
+from kernels import cells, fill
+x = rs.standard_normal((2, 3, 9, 8)).astype(np.float32)
+for mode in ("uniform", "balanced", "foreground"):
+    fg = (rs.random((2, 16)) < 0.5).astype(np.uint8)
+    got = cells.cell_masks(fg, 2, 3, 4, 0.2, 0.6, 0.5, 0.3, 0.8, 0.55, mode, 9, 8, 1, 2, 3, 3)
+    want = cells.cell_masks_reference(fg, 2, 3, 4, 0.2, 0.6, 0.5, 0.3, 0.8, 0.55, mode, 9, 8, 1, 2, 3, 3)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    y, z = x.copy(), x.copy()
+    fill.noise_fill_(y, *got, 0.18, 1, 2, 3, 1)
+    fill.noise_fill_reference(z, *got, 0.18, 1, 2, 3, 1)
+    np.testing.assert_array_equal(y, z)
+    n += 1
+o, r = np.empty_like(x), np.empty_like(x)
+fill.high_pass(x, o, 5, 1.0); fill.high_pass_reference(x, r, 5, 1.0); np.testing.assert_array_equal(o, r)
+lam = np.array([0.25, 0.7], np.float32)
+fill.mixup(x, perm[:2] % 2, lam, o); fill.mixup_reference(x, perm[:2] % 2, lam, r); np.testing.assert_array_equal(o, r)
+print("OK", n + 2)
 '''
 
 
 def test_everything_runs_as_plain_python(run_python):
     proc = run_python(SCRIPT, {"NUMBA_DISABLE_JIT": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.split() == ["OK", "18"]
+    assert proc.stdout.split() == ["OK", "23"]
