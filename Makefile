@@ -66,8 +66,9 @@ bench-frameworks: setup
 	$(PY) -m benchmarks.frameworks --seeds $(SEEDS) --out bench-out/frameworks --readme README.md
 
 # The seed papers' comparison in miniature (MoCo v2 + each masking method, 3 seeds): README's methods table + plot.
+COMPARE_SEEDS ?= 0,1,2
 compare: setup
-	$(PY) -m benchmarks.methods --seeds $(or $(SEEDS),0,1,2) --out bench-out/methods --readme README.md
+	$(PY) -m benchmarks.methods --seeds $(COMPARE_SEEDS) --out bench-out/methods --readme README.md
 
 clean:
 	rm -rf runs bench-out .pytest_cache
