@@ -265,23 +265,20 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
 def validate(cfg: Config, keys: set[str] = frozenset()) -> None:
     """Range checks that types alone cannot express; ``keys`` (section.field set by files or the command
     line) must not belong to the section of a framework that model.framework does not select."""
+    mixer = MIXERS[cfg.mask.method]
     for key in sorted(keys):
         section = key.split(".")[0]
         if section in FRAMEWORKS and section != cfg.model.framework:
             raise ConfigError(f"{key} is set, but model.framework is {cfg.model.framework!r}: "
                               f"remove it or select model.framework={section}")
-        mixer = MIXERS[cfg.mask.method]
         if section in MIXING_SECTIONS and not (cfg.mask.enabled and section in mixer.sections):
             users = sorted(m for m, cls in MIXERS.items() if section in cls.sections)
             raise ConfigError(f"{key} is set, but mask.method={cfg.mask.method!r}"
                               f"{'' if cfg.mask.enabled else ' is off (mask.enabled=false)'} does not read the "
                               f"{section} section: remove it or select mask.method from {users}")
-    mixer = MIXERS[cfg.mask.method]
     if cfg.mask.enabled and "saliency" in mixer.sections and cfg.saliency.hard_negative:
-        from mixmask.frameworks import FRAMEWORKS as F
-
-        if not F[cfg.model.framework].hard_negatives:
-            have = sorted(n for n, cls in F.items() if cls.hard_negatives)
+        if not FRAMEWORKS[cfg.model.framework].hard_negatives:
+            have = sorted(n for n, cls in FRAMEWORKS.items() if cls.hard_negatives)
             raise ConfigError(f"saliency.hard_negative=true with mask.method={cfg.mask.method}: model.framework="
                               f"{cfg.model.framework!r} has no negatives to add it to; set saliency.hard_negative=false "
                               f"or select model.framework from {have}")
@@ -300,7 +297,7 @@ def validate(cfg: Config, keys: set[str] = frozenset()) -> None:
         (cfg.mask.grid >= 2, "mask.grid must be >= 2"),
         (0 < cfg.mask.ratio < 1, "mask.ratio must be in (0, 1)"),
         *((False, f"{cfg.model.framework}.{problem}") for problem in cfg.framework.problems()),
-        *((False, f"{section}.{problem}") for section in MIXING_SECTIONS if section in MIXERS[cfg.mask.method].sections
+        *((False, f"{section}.{problem}") for section in MIXING_SECTIONS if section in mixer.sections
           for problem in getattr(cfg, section).problems()),
         (cfg.optim.epochs >= 1, "optim.epochs must be >= 1"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),

@@ -29,14 +29,14 @@ class MixMask(Mixer):
         m = cfg.mask
         return cls(kind=m.kind, grid=m.grid, ratio=m.ratio, per_sample=m.per_sample, partner=m.partner)
 
-    def masks(self, n: int, keys: Keys, px: Pixels) -> torch.Tensor:
+    def masks(self, v1: torch.Tensor, keys: Keys, px: Pixels) -> torch.Tensor:
         """The step's grid masks (the same on every route).  -> (N or 1, g, g) uint8 on the CPU"""
-        return px.sample_masks(self.kind, n if self.per_sample else 1, self.grid, self.ratio, keys.seed, keys.epoch,
-                               keys.batch_index)
+        return px.sample_masks(self.kind, v1.shape[0] if self.per_sample else 1, self.grid, self.ratio, keys.seed,
+                               keys.epoch, keys.batch_index)
 
     def __call__(self, v1, v2, keys: Keys, px: Pixels) -> Views:
         n, h, w, _ = v1.shape
-        masks = self.masks(n, keys, px)
+        masks = self.masks(v1, keys, px)
         perm = partner(n, self.partner, keys, v1.device)
         lam = mk.realised_lam(masks, h, w).expand(n)  # (N,)
         masks = masks.to(v1.device)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from kernels import cells as kc
 from kernels.rng import STREAMS
 from mixmask import masks as mk
-from mixmask.mixing.base import Keys, Mixer, Pixels, Views, mixed_view, partner
+from mixmask.mixing.base import Keys, Mixer, Pixels, Views
 from mixmask.mixing.mixmask import MixMask
 from mixmask.mixing.mscn import MSCN, erase_
 
@@ -111,6 +111,10 @@ class SaliencySource:
         with torch.no_grad():
             return net(px.normalize(v, torch.float32)).float().sum(dim=1)  # (N, h, w) channel sum
 
+    def foreground(self, v: torch.Tensor, g: int, px: Pixels) -> np.ndarray:
+        """Foreground cells of a view's saliency map.  (N, H, W, 3) uint8 -> (N, g*g) uint8 on the host"""
+        return foreground(self(v, px), g, self.cfg.threshold)
+
 
 def spectral_residual(v: torch.Tensor) -> torch.Tensor:
     """Spectral-residual saliency (Hou & Zhang 2007).  (N, H, W, 3) uint8 -> (N, h, w) float32, h <= 64"""
@@ -165,22 +169,25 @@ class Saliency(Mixer):
         n, h, w, _ = v1.shape
         m = self.mscn.cfg
         x1, x2 = self.mscn.filtered_views(v1, v2, px)
-        fg = foreground(self.saliency(v1, px), m.grid, self.cfg.threshold)
+        fg = self.saliency.foreground(v1, m.grid, px)
         masks, boxes = self.mscn.query_masks(fg, "balanced", n, h, w, keys, px, cap=self.cfg.cap)
         erase_(x1, masks, boxes, m, m.noise_std, keys, STREAMS["noise"], px)
         hard = None
         if self.cfg.hard_negative:
-            hard = hard_negative(x2, foreground(self.saliency(v2, px), m.grid, self.cfg.threshold), self.cfg, m.grid,
-                                 keys, px)
+            hard = hard_negative(x2, self.saliency.foreground(v2, m.grid, px), self.cfg, m.grid, keys, px)
         return Views(px.finish(x1), px.finish(x2), (), hard)
 
 
-class SaliencyMixMask(Mixer):
+class SaliencyMixMask(MixMask):
+    """MixMask (its mixing, partner and lam) with the saliency-balanced per-sample masks of masks()."""
+
     name = "saliency_mixmask"
     sections = ("mask", "saliency")
 
     def __init__(self, mixmask: MixMask, cfg: SaliencyConfig = SaliencyConfig()):
-        self.mixmask, self.cfg, self.saliency = mixmask, cfg, SaliencySource(cfg)
+        super().__init__(kind=mixmask.kind, grid=mixmask.grid, ratio=mixmask.ratio, per_sample=True,
+                         partner=mixmask.partner)
+        self.cfg, self.saliency = cfg, SaliencySource(cfg)
         self.hard_negatives = cfg.hard_negative
 
     @classmethod
@@ -190,22 +197,14 @@ class SaliencyMixMask(Mixer):
     def masks(self, v1, keys: Keys, px: Pixels) -> torch.Tensor:
         """Balanced cells filled from the partner.  -> (N, g, g) uint8 on the host, 1 = keep x1"""
         n, h, w, _ = v1.shape
-        g, r = self.mixmask.grid, self.mixmask.ratio
-        fg = foreground(self.saliency(v1, px), g, self.cfg.threshold)
-        masks, _ = px.cell_masks(fg, n, 1, g, r, r, 1.0, 0.0, 1.0, self.cfg.cap, "balanced", h, w, keys.seed,
-                                 keys.epoch, keys.batch_index, STREAMS["cells"])
+        fg = self.saliency.foreground(v1, self.grid, px)
+        masks, _ = px.cell_masks(fg, n, 1, self.grid, self.ratio, self.ratio, 1.0, 0.0, 1.0, self.cfg.cap, "balanced",
+                                 h, w, keys.seed, keys.epoch, keys.batch_index, STREAMS["cells"])
         return torch.from_numpy(masks[:, 0])
 
     def __call__(self, v1, v2, keys: Keys, px: Pixels) -> Views:
-        n, h, w, _ = v1.shape
-        masks = self.masks(v1, keys, px)
-        perm = partner(n, self.mixmask.partner, keys, v1.device)
-        lam = mk.realised_lam(masks, h, w)  # (N,)
-        masks = masks.to(v1.device)
-        x1, x2, mixed = px.mix(v1, v2, masks, perm)
-        hard = None
+        views = super().__call__(v1, v2, keys, px)
         if self.cfg.hard_negative:
-            g = self.mixmask.grid
-            hard = hard_negative(px.normalize(v2, torch.float32), foreground(self.saliency(v2, px), g, self.cfg.threshold),
-                                 self.cfg, g, keys, px)
-        return Views(x1, x2, (mixed_view(mixed, perm, lam, masks, self.name),), hard)
+            views.hard_negative = hard_negative(px.normalize(v2, torch.float32), self.saliency.foreground(v2, self.grid, px),
+                                                self.cfg, self.grid, keys, px)
+        return views

@@ -24,6 +24,7 @@ import torch
 
 from kernels.rng import STREAM_SHIFT, STREAMS, uniform4
 from mixmask import masks as mk
+from mixmask.batch import Mixed
 from mixmask.mixing.base import Keys, Mixer, Pixels, Views, mixed_view
 from mixmask.mixing.mixmask import MixMask
 
@@ -61,27 +62,33 @@ class UnMix(Mixer):
     def from_config(cls, cfg) -> UnMix:
         return cls(cfg.unmix)
 
-    def view(self, v1, x1f: torch.Tensor | None, keys: Keys, px: Pixels):
-        """The Un-Mix view of v1 (x1f: v1 normalised in float32, needed for mixup) -> Mixed, (x1, x2) or None."""
+    def plan(self, v1, keys: Keys) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(perm (N,), lam (N,) float32, CutMix box (1, H, W) uint8 on v1's device, or None for mixup)."""
         n, h, w, _ = v1.shape
         lam, mixup, u_row, u_col = draw(keys, self.cfg.mixup_p)
         perm = mk.partner_permutation(n, "auto", v1.device)
         if mixup:
-            x = px.finish(px.mixup(x1f if x1f is not None else px.float_views(v1, v1)[0], perm,
-                                   torch.full((n,), lam)))
-            return mixed_view(x, perm, torch.full((n,), lam, dtype=torch.float32), None, self.name)
+            return perm, torch.full((n,), lam, dtype=torch.float32), None
         y0, y1, x0, x1 = cutmix_box(lam, u_row, u_col, h, w)
         box = torch.ones((1, h, w), dtype=torch.uint8)  # (1, H, W) pixel-resolution mask, 0 = from the partner
         box[:, y0:y1, x0:x1] = 0
-        lam_box = mk.realised_lam(box, h, w).expand(n)
-        box = box.to(v1.device)
-        _, _, x = px.mix(v1, v1, box, perm)
-        return mixed_view(x, perm, lam_box, box, self.name)
+        return perm, mk.realised_lam(box, h, w).expand(n), box.to(v1.device)
+
+    def view(self, v1, x1f: torch.Tensor | None, keys: Keys, px: Pixels) -> Mixed:
+        """The Un-Mix view of v1 (x1f: v1 normalised in float32 if at hand, for mixup)."""
+        perm, lam, box = self.plan(v1, keys)
+        if box is None:
+            x = px.mixup(x1f if x1f is not None else px.normalize(v1, torch.float32), perm, lam)
+            return mixed_view(px.finish(x), perm, lam, None, self.name)
+        return mixed_view(px.mix(v1, v1, box, perm)[2], perm, lam, box, self.name)
 
     def __call__(self, v1, v2, keys: Keys, px: Pixels) -> Views:
-        x1, x2 = px.float_views(v1, v2)
-        mixed = self.view(v1, x1, keys, px)
-        return Views(px.finish(x1), px.finish(x2), (mixed,))
+        perm, lam, box = self.plan(v1, keys)
+        if box is not None:  # CutMix: a uint8 select inside the one fused normalise pass
+            x1, x2, mixed = px.mix(v1, v2, box, perm)
+            return Views(x1, x2, (mixed_view(mixed, perm, lam, box, self.name),))
+        x1, x2 = px.float_views(v1, v2)  # mixup: in float32, after normalisation
+        return Views(px.finish(x1), px.finish(x2), (self.view(v1, x1, keys, px),))
 
 
 class UnMixMixMask(Mixer):
