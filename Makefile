@@ -13,7 +13,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 NPROC  ?= 1
 
-.PHONY: setup apt train test bench bench-readme bench-kernels bench-loaders bench-frameworks compare clean
+.PHONY: setup apt train test bench bench-readme bench-kernels bench-loaders bench-frameworks compare ablate-cmae compare-ccrop clean
 
 setup: $(STAMP)
 
@@ -69,6 +69,14 @@ bench-frameworks: setup
 COMPARE_SEEDS ?= 0,1,2
 compare: setup
 	$(PY) -m benchmarks.methods --seeds $(COMPARE_SEEDS) --out bench-out/methods --readme README.md
+
+# The CMAE ablation (MAE -> + small decoder -> + contrastive -> + position -> + ContrastiveCrop, 3 seeds).
+ablate-cmae: setup
+	$(PY) -m benchmarks.methods --suite cmae --seeds $(COMPARE_SEEDS) --readme README.md
+
+# MoCo v2 + MixMask with and without ContrastiveCrop (3 seeds).
+compare-ccrop: setup
+	$(PY) -m benchmarks.methods --suite ccrop --seeds $(COMPARE_SEEDS) --readme README.md
 
 clean:
 	rm -rf runs bench-out .pytest_cache

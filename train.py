@@ -1,4 +1,4 @@
-"""mixmask: self-supervised pretraining (MoCo v2, SimCLR, BYOL, SimSiam, Barlow Twins) with MixMask, and its evaluations.
+"""mixmask: self-supervised pretraining (MoCo v2, SimCLR, BYOL, SimSiam, Barlow Twins with MixMask; CMAE on ViTs), and its evaluations.
 
     accelerate launch train.py [--config FILE ...] [section.field=value ...]        pretrain
     accelerate launch train.py linear [--config FILE ...] [eval.checkpoint=PATH ...] linear probe
@@ -97,8 +97,12 @@ def build_model(cfg: Config, world: int):
 
     from mixmask.frameworks import FRAMEWORKS
 
-    return FRAMEWORKS[cfg.model.framework](cfg.framework, arch=cfg.model.arch, stem=cfg.model.stem,
-                                           seed=cfg.run.seed, group=dist.group.WORLD if world > 1 else None)
+    from mixmask.models import BackboneSpec
+
+    m = cfg.model
+    spec = BackboneSpec(m.arch, m.stem, cfg.data.image_size, m.patch_size, m.vit_depth)
+    return FRAMEWORKS[m.framework](cfg.framework, arch=spec, seed=cfg.run.seed,
+                                   group=dist.group.WORLD if world > 1 else None)
 
 
 def make_optimizer(cfg: Config, model, lr: float):
@@ -107,19 +111,23 @@ def make_optimizer(cfg: Config, model, lr: float):
 
     o = cfg.optim
     groups = model.param_groups(weight_decay=o.weight_decay, exclude_bias_bn=o.exclude_bias_bn)
-    return build_optimizer(o.optimizer, groups, lr=lr, momentum=o.momentum, lars_trust=o.lars_trust)
+    return build_optimizer(o.optimizer, groups, lr=lr, momentum=o.momentum, lars_trust=o.lars_trust, betas=o.betas)
 
 
 def make_stage(cfg: Config, accelerator, masking: bool) -> MixStage:
     """The device stage of every backend: normalisation and, when masking, mask.method's mixer (MIXERS)."""
-    from mixmask.mixing import MIXERS
+    from mixmask.frameworks import FRAMEWORKS
+    from mixmask.mixing import MIXERS, TokenMasking
 
     m = cfg.mask
+    tokens = None
+    if masking and FRAMEWORKS[cfg.model.framework].masks_tokens:  # masked image modelling: batch.keep
+        tokens = TokenMasking(cfg.data.image_size // cfg.model.patch_size, cfg.framework.mask_ratio)
     return MixStage(
         cfg.data.mean, cfg.data.std, dtype=DTYPES.get(accelerator.mixed_precision, torch.float32),
         channels_last=cfg.data.channels_last,
         mixer=MIXERS[m.method].from_config(cfg) if masking and m.enabled else None, seed=cfg.run.seed,
-        rank=accelerator.process_index, world=accelerator.num_processes, route=m.route,
+        rank=accelerator.process_index, world=accelerator.num_processes, route=m.route, tokens=tokens,
     )
 
 
@@ -173,8 +181,9 @@ def beton_dir(cfg: Config, root: Path) -> Path:
     return Path(cfg.data.beton_dir) if cfg.data.beton_dir else root / "ffcv"
 
 
-def train_loader(cfg: Config, accelerator, index, aug: AugParams):
-    """The training-view loader of data.backend (eval loaders are the torchvision ones for every backend)."""
+def train_loader(cfg: Config, accelerator, index, aug: AugParams, boxes=None):
+    """The training-view loader of data.backend (eval loaders are the torchvision ones for every backend);
+    boxes: ContrastiveCrop's shared box table (mixmask/crops.py), or None."""
     stage = make_stage(cfg, accelerator, masking=True)
     if cfg.data.backend == "ffcv":
         from loaders.ffcv_backend import FfcvTrainLoader, ensure_beton
@@ -184,14 +193,42 @@ def train_loader(cfg: Config, accelerator, index, aug: AugParams):
                                  **beton_writer_args(cfg, cfg.run.progress and accelerator.is_main_process))
         return FfcvTrainLoader(beton, aug, stage, cfg.data.batch_size, accelerator.process_index,
                                accelerator.num_processes, cfg.data.workers, cfg.run.seed, accelerator.device,
-                               cfg.data.ffcv_os_cache, cfg.data.ffcv_order, batches_ahead=cfg.data.prefetch)
+                               cfg.data.ffcv_os_cache, cfg.data.ffcv_order, batches_ahead=cfg.data.prefetch,
+                               boxes=boxes)
     args = (index, aug, stage, cfg.data.batch_size, accelerator.process_index, accelerator.num_processes,
             cfg.data.workers, cfg.data.prefetch, cfg.run.seed, accelerator.device)
     if cfg.data.backend == "dali":
         from loaders.dali_backend import DaliTrainLoader
 
-        return DaliTrainLoader(*args, hw_decoder_load=cfg.data.hw_decoder_load)
-    return TorchvisionTrainLoader(*args)
+        return DaliTrainLoader(*args, hw_decoder_load=cfg.data.hw_decoder_load, boxes=boxes)
+    return TorchvisionTrainLoader(*args, boxes=boxes)
+
+
+def box_updater(cfg: Config, crop, model, accelerator, root: Path):
+    """ContrastiveCrop's ``before_epoch``: when due, recompute every image's box from the online model's
+    feature_map over the whole training images (resized to the view size), on every process."""
+    from mixmask.crops import whole_image_transform
+
+    size = cfg.ccrop.size or cfg.data.image_size
+    whole = eval_loader(cfg, accelerator, root, "train", whole_image_transform(size))
+
+    def update(epoch: int) -> None:
+        if not crop.due(epoch):
+            return
+        net = accelerator.unwrap_model(model)
+
+        def feature_map(x: torch.Tensor) -> torch.Tensor:
+            with accelerator.autocast():
+                return net.feature_map(x)
+
+        net.eval()
+        crop.update(feature_map, whole, size, gather=accelerator.gather if accelerator.num_processes > 1 else None,
+                    progress=cfg.run.progress and accelerator.is_main_process)
+        net.train()
+        area = (crop.table.array[:, 2:] - crop.table.array[:, :2]).prod(1)
+        log.info("ContrastiveCrop boxes updated before epoch %d: mean box area %.2f of the image", epoch, area.mean())
+
+    return update
 
 
 def cmd_check(cfg: Config) -> int:
@@ -241,11 +278,17 @@ def cmd_train(cfg: Config) -> dict:
     root = data_root(cfg, accelerator)
     train_index = index_split(root, "train")
     index_split(root, "val")  # fail early on a bad val split
+    crop = None
+    if cfg.ccrop.enabled:  # ContrastiveCrop: a shared box table, created before the loader's workers start
+        from mixmask.crops import ContrastiveCrop
+
+        crop = ContrastiveCrop(cfg.ccrop, len(train_index))
     aug = AugParams(
         cfg.data.image_size, cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.flip_p, cfg.data.jitter,
         cfg.data.jitter_p, cfg.data.gray_p, cfg.data.blur_p, cfg.data.blur_sigma, cfg.data.solarize_p,
+        crop_alpha=cfg.ccrop.alpha if crop else 0.0,
     )
-    loader = train_loader(cfg, accelerator, train_index, aug)
+    loader = train_loader(cfg, accelerator, train_index, aug, boxes=crop.table if crop else None)
     d = derived(cfg, accelerator.num_processes, len(loader) // cfg.optim.grad_accum)
     model = build_model(cfg, accelerator.num_processes)
     if cfg.data.channels_last:
@@ -257,6 +300,8 @@ def cmd_train(cfg: Config) -> dict:
         saliency.feature_map = accelerator.unwrap_model(model).target_feature_map
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    if crop is not None:  # the boxes are saved in every checkpoint and restored in place on resume
+        accelerator.register_for_checkpointing(crop)
     resolved = {"config": cfg.to_dict(), "derived": d, "git_sha": git_sha()}
     ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
     if ckpt is not None:
@@ -279,6 +324,7 @@ def cmd_train(cfg: Config) -> dict:
         checkpoint_every=cfg.run.checkpoint_every, keep_checkpoints=cfg.run.keep_checkpoints,
         max_steps=cfg.run.max_steps, log_every=cfg.run.log_every, monitor=monitor,
         monitor_every=cfg.run.knn_every, progress=cfg.run.progress,
+        before_epoch=box_updater(cfg, crop, model, accelerator, root) if crop else None,
     )
     if facts["interrupted"]:
         if accelerator.is_main_process:
@@ -318,7 +364,10 @@ def load_pretrained(cfg: Config, accelerator):
     if stored.is_file():  # the framework and architecture come from the checkpoint, not the current config
         saved = json.loads(stored.read_text())["config"]
         framework = saved["model"]["framework"]
-        apply_overrides(cfg, {"model": saved["model"], framework: saved.get(framework, {})}, str(stored))
+        stored_sections = {"model": saved["model"], framework: saved.get(framework, {})}
+        if saved["model"]["arch"].startswith("vit_"):  # a ViT's positional embedding fixes the image size
+            stored_sections["data"] = {"image_size": saved["data"]["image_size"]}
+        apply_overrides(cfg, stored_sections, str(stored))
     model = build_model(cfg, 1)
     model.load_state_dict(load_file(str(weights)))
     return model.to(accelerator.device), weights

@@ -44,6 +44,7 @@ STREAMS = {
     "cells": 3,       # kernels/cells.py erase/saliency cell masks and focal windows
     "hard_cells": 4,  # kernels/cells.py hard-negative cell masks
     "batch": 5,       # per-batch draws: Un-Mix lam/box, random permutations (mixmask/mixing)
+    "tokens": 6,      # kernels/tokens.py kept tokens of masked image modelling (CMAE)
 }
 
 

@@ -6,7 +6,9 @@ Per batch of this rank's shard (loaders/sharding.py: the same order as every bac
 - The feeder (Python, in the pipeline's external_source) reads each file's bytes and its size from
   the image header, and draws both views' parameters from the Philox stream keyed by
   (seed, epoch, index, view) (loaders/view_params.py over kernels/views.py, ~1 us a sample), so
-  views are reproducible for any thread count and resume exactly.
+  views are reproducible for any thread count and resume exactly. With an active ContrastiveCrop
+  box table (mixmask/crops.py; Peng et al., CVPR 2022) and aug.crop_alpha > 0 it passes each image's
+  box of the current table, and the crop offsets are Beta(alpha, alpha) around it.
 - The pipeline decodes each image once (CPU decoder with device_id=None; on a GPU the "mixed"
   nvJPEG decoder with a configurable hardware-decoder share), then per view: resize of the crop
   window to size x size (antialiased), colour jitter + grayscale as one affine colour map
@@ -31,6 +33,7 @@ import logging
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,6 +45,9 @@ from loaders.sharding import batches_per_epoch, shard_indices
 from loaders.torchvision_backend import AugParams
 from loaders.view_params import draw_views
 from mixmask.batch import Batch
+
+if TYPE_CHECKING:
+    from mixmask.crops import BoxTable
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +251,9 @@ class _Feeder:
     """
 
     def __init__(self, index: FolderIndex, aug: AugParams, batch: int, rank: int, world: int, seed: int,
-                 bad: dict[str, str], inputs: tuple[str, ...] = _VIEW_INPUTS):
+                 bad: dict[str, str], inputs: tuple[str, ...] = _VIEW_INPUTS, boxes: BoxTable | None = None):
         self.paths, self.labels = index.paths, index.labels
+        self.boxes = boxes  # ContrastiveCrop boxes, read at each batch (None: whole images)
         self.aug, self.batch, self.rank, self.world, self.seed = aug, batch, rank, world, seed
         self.bad = bad  # path -> reason (shared with the loader)
         self.inputs = inputs  # the pipeline's per-view parameter inputs
@@ -264,7 +271,7 @@ class _Feeder:
             return self.pending[0][0], self.pending[0][1]
         return (self.epoch + 1, 0) if self.pos >= self.per_epoch else (self.epoch, self.pos)
 
-    def _read(self, i: int) -> tuple[str, np.ndarray, tuple[int, int], int]:
+    def _read(self, i: int) -> tuple[str, np.ndarray, tuple[int, int], int, int]:
         n = len(self.paths)
         for attempt in range(min(n, 16)):
             j = (i + attempt) % n
@@ -274,7 +281,7 @@ class _Feeder:
             try:
                 with open(path, "rb") as f:
                     data = f.read()
-                return path, np.frombuffer(data, np.uint8), header_size(data), self.labels[j]
+                return path, np.frombuffer(data, np.uint8), header_size(data), self.labels[j], j
             except Exception as e:  # noqa: BLE001 - unreadable file or header: skip it
                 self.bad[path] = f"{type(e).__name__}: {e}"
                 log.warning("skipped unreadable image %s (%s); %d skipped so far", path, self.bad[path], len(self.bad))
@@ -290,10 +297,14 @@ class _Feeder:
         key = (self.epoch, self.pos)
         self.pos += 1
         read = [self._read(int(i)) for i in idx]
-        paths, data, sizes, labels = (list(t) for t in zip(*read))
+        paths, data, sizes, labels, read_idx = (list(t) for t in zip(*read))
+        boxes, alpha = None, 0.0  # plain RandomResizedCrop until the box table is active
+        if self.boxes is not None and self.aug.crop_alpha > 0 and self.boxes.active:
+            boxes, alpha = self.boxes.array[read_idx], self.aug.crop_alpha  # (N, 4): the boxes of the images read
         out = [data]
         for view in range(2):
-            vb = draw_views(self.aug, self.seed, self.epoch, idx, sizes, view, colour="colour_m" in self.inputs)
+            vb = draw_views(self.aug, self.seed, self.epoch, idx, sizes, view, colour="colour_m" in self.inputs,
+                            boxes=boxes, alpha=alpha)
             for name in self.inputs:
                 col = getattr(vb, name)
                 out.append(list(col[:, None] if name == "sigma" else col))  # sigma: (1,) a sample
@@ -302,7 +313,12 @@ class _Feeder:
 
 
 class DaliTrainLoader:
-    """Iterable of Batch for training (same interface as TorchvisionTrainLoader)."""
+    """Iterable of Batch for training (same interface as TorchvisionTrainLoader).
+
+    boxes: a ContrastiveCrop BoxTable (mixmask/crops.py) of len(index) rows, None = whole images. The
+    feeder reads it at each batch; as the pipeline prefetches across epochs, a pass that starts after
+    the table changed (its ``version``) rebuilds the pipeline, so no batch uses stale boxes.
+    """
 
     def __init__(
         self,
@@ -317,17 +333,22 @@ class DaliTrainLoader:
         seed: int = 0,
         device: str | torch.device = "cpu",
         hw_decoder_load: float = 0.65,
+        boxes: BoxTable | None = None,
     ):
         require_dali()
+        if boxes is not None and len(boxes) < len(index):
+            raise ValueError(f"box table of {len(boxes)} rows for {len(index)} images")
+        self.boxes = boxes
         self.n, self.world, self.batch_size, self.stage = len(index), world, batch_size, stage
         self.aug, self.threads, self.prefetch, self.seed = aug, threads, prefetch, seed
         self.device = torch.device(device)
         self.hw_decoder_load = hw_decoder_load
         self._bad: dict[str, str] = {}
         inputs = _GPU_VIEW_INPUTS if self.device.type == "cuda" else _VIEW_INPUTS
-        self.feeder = _Feeder(index, aug, batch_size, rank, world, seed, self._bad, inputs)
+        self.feeder = _Feeder(index, aug, batch_size, rank, world, seed, self._bad, inputs, boxes)
         self.epoch, self.start_batch = 0, 0
         self.pipe = None
+        self._box_version = None  # the box table's version when the pipeline was built
 
     @property
     def bad_files(self) -> set[str]:
@@ -348,12 +369,17 @@ class DaliTrainLoader:
         """A fresh pipeline whose first batch is `batch_index` of self.epoch."""
         self.pipe = None
         self.feeder.start(self.epoch, batch_index)
+        self._box_version = self._boxes_version()
         device_id = None
         if self.device.type == "cuda":
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         self.pipe = _two_view_pipeline(self.feeder, self.aug.size, self.batch_size, self.threads, device_id,
                                        self.seed, self.prefetch, self.hw_decoder_load)
         self.pipe.build()
+
+    def _boxes_version(self):
+        """The box table's version when it matters to the views (ContrastiveCrop on), else None."""
+        return self.boxes.version if self.boxes is not None and self.aug.crop_alpha > 0 else None
 
     def _recover(self, step: int, error: Exception, tries: int) -> None:
         """The pipeline raised on batch `step`: find the undecodable files among the batches in
@@ -379,8 +405,8 @@ class DaliTrainLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, step = self.epoch, self.start_batch
-        if self.pipe is None or self.feeder.next_key() != (epoch, step):
-            self._build(step)  # first epoch, resume, or the last pass stopped early: start afresh
+        if self.pipe is None or self.feeder.next_key() != (epoch, step) or self._boxes_version() != self._box_version:
+            self._build(step)  # first epoch, resume, the last pass stopped early, or new boxes: start afresh
         tries = 0
         while step < len(self):
             try:

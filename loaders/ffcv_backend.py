@@ -15,9 +15,13 @@ colour jitter + grayscale as one affine map and the Gaussian blur (kernels/color
 flip, all compiled by FFCV's numba pipeline and run in its threads. FFCV-SSL instead decodes the JPEG
 once per view. View parameters come from kernels/views.py keyed by (seed, epoch, index, view), the
 same draws as the DALI backend; the epoch reaches the compiled code through a one-element array the
-loader updates (kernels.views.read_cell). The order is this rank's shard of the per-epoch
-permutation (loaders/sharding.py), so every backend visits the same samples; FFCV's QUASI_RANDOM
-order (one process only) is the alternative for datasets larger than the page cache (os_cache=False).
+loader updates (kernels.views.read_cell). ContrastiveCrop (mixmask/crops.py; Peng et al., CVPR 2022):
+with a box table and aug.crop_alpha > 0 the decoder reads the table's active flag and each image's box
+(by the sample's folder index, the .beton's index field) through their addresses at run time
+(kernels.views.read_cell / read_boxes), so the compiled pipeline follows in-place table updates.
+The order is this rank's shard of the per-epoch permutation (loaders/sharding.py), so every backend
+visits the same samples; FFCV's QUASI_RANDOM order (one process only) is the alternative for
+datasets larger than the page cache (os_cache=False).
 The (N, 2, S, S, 3) uint8 views are copied out of FFCV's reused buffers before the device stage
 (mixmask/mixing/stage.MixStage: normalise, layout, MixMask with our kernels).
 """
@@ -33,6 +37,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,6 +47,9 @@ from loaders.folder import DataError, index_split
 from loaders.sharding import batches_per_epoch, shard_indices
 from loaders.torchvision_backend import AugParams, decode_image, unreadable_reason
 from mixmask.batch import Batch
+
+if TYPE_CHECKING:
+    from mixmask.crops import BoxTable
 
 log = logging.getLogger(__name__)
 
@@ -149,20 +157,36 @@ def ensure_beton(root: Path, split: str, out_dir: Path, **kw) -> Path:
 # ---------------------------------------------------------------------------------------------
 # The two-view decoder
 
-def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, views: tuple[int, ...] = (0, 1)):
+def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, views: tuple[int, ...] = (0, 1),
+                 boxes: np.ndarray | None = None, active_cell: np.ndarray | None = None,
+                 positions: np.ndarray | None = None):
     """An FFCV decoder Operation (built lazily: ffcv is optional): decodes each image once and emits
     the given views, (len(views), S, S, 3). views=(0, 1) is the decode-once two-view decoder; two
-    pipelines with views (0,) and (1,) over the same field decode twice (the FFCV-SSL way)."""
+    pipelines with views (0,) and (1,) over the same field decode twice (the FFCV-SSL way).
+
+    ContrastiveCrop: boxes (n, 4) float32 C-contiguous (a BoxTable's .array), active_cell (1,) int64
+    (its active flag) and positions (n_samples,) int64 (sample -> box row, the folder index) are read
+    through their addresses at run time: the caller keeps them alive and updates them only in place.
+    None: whole images, plain RandomResizedCrop."""
     views_arr = np.asarray(views, np.int64)
+    if boxes is None:
+        boxes = np.array([[0, 0, 1, 1]], np.float32)  # (1, 4) never read: the flag below stays 0
+        active_cell, positions = np.zeros(1, np.int64), np.zeros(1, np.int64)
+    for name, a, dt in (("boxes", boxes, np.float32), ("active_cell", active_cell, np.int64),
+                        ("positions", positions, np.int64)):
+        if a is None or a.dtype != dt or not a.flags.c_contiguous:
+            raise ValueError(f"view_decoder: {name} must be a C-contiguous {np.dtype(dt).name} array")
+    keep = (boxes, active_cell, positions)  # alive as long as the decoder (read through raw addresses)
     from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
     from ffcv.libffcv import imdecode, memcpy, resize_crop
     from ffcv.pipeline.allocation_query import AllocationQuery
     from ffcv.pipeline.compiler import Compiler
 
     from kernels.color import colour_affine_hwc, colour_map_into, gaussian_blur_hwc
-    from kernels.views import draw_one, read_cell
+    from kernels.views import draw_one, read_boxes, read_cell, read_int64
 
     class TwoViewDecoder(SimpleRGBImageDecoder):  # FFCV takes a field's decoder by its class
+        arrays = keep
 
         def declare_state_and_memory(self, previous_state):
             max_w, max_h = np.uint64(self.metadata["width"].max()), np.uint64(self.metadata["height"].max())
@@ -192,10 +216,18 @@ def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, views: tuple
             jit_s = f64(*aug.jitter)
             seed_u = np.uint64(seed)
             cell = epoch_cell.ctypes.data  # the loader writes the epoch there before each pass
+            box_addr, n_boxes = boxes.ctypes.data, boxes.shape[0]  # the box table, rewritten in place
+            active_addr = active_cell.ctypes.data  # 1 once the boxes are in use
+            pos_addr, n_pos = positions.ctypes.data, positions.shape[0]
+            alpha = float(aug.crop_alpha)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 dest, temp, scratch, cmat, cbuf, sgm = my_storage
                 epoch = read_cell(cell)
+                on = alpha > 0.0 and read_cell(active_addr) != 0  # ContrastiveCrop, else RandomResizedCrop
+                a_now = alpha if on else 0.0
+                table = read_boxes(box_addr, n_boxes)  # (n, 4) float32
+                pos = read_int64(pos_addr, n_pos)  # (n_samples,) int64
                 for k in my_range(len(batch_indices)):
                     i = batch_indices[k]
                     field = metadata[i]
@@ -210,7 +242,7 @@ def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, views: tuple
                     for slot in range(views_arr.shape[0]):
                         y0, x0, h, w, fl, jon, jt, gr, bon, sg, sol = draw_one(
                             seed_u, epoch, views_arr[slot], np.int64(i), np.int64(W), np.int64(H), scale, ratio,
-                            probs, jit_s, sig_r)
+                            probs, jit_s, sig_r, table[pos[i] if on else 0], a_now)
                         out = dest[k, slot]
                         resize_crop_c(img, y0, y0 + h, x0, x0 + w, out)
                         if jon or gr:
@@ -268,11 +300,16 @@ def _shard_order(n_batches_skip: int, rank: int, world: int, batch: int, seed: i
 
 
 class FfcvTrainLoader:
-    """Iterable of Batch for training (same interface as TorchvisionTrainLoader and DaliTrainLoader)."""
+    """Iterable of Batch for training (same interface as TorchvisionTrainLoader and DaliTrainLoader).
+
+    boxes: a ContrastiveCrop BoxTable (mixmask/crops.py) with a row per image of the split's folder
+    index (the .beton's index field), None = whole images; the compiled decoder reads it at run time.
+    """
 
     def __init__(self, beton: str | Path, aug: AugParams, stage: MixStage, batch_size: int, rank: int = 0,
                  world: int = 1, workers: int = 2, seed: int = 0, device: str | torch.device = "cpu",
-                 os_cache: bool = True, order: str = "random", batches_ahead: int = 3, decode_once: bool = True):
+                 os_cache: bool = True, order: str = "random", batches_ahead: int = 3, decode_once: bool = True,
+                 boxes: BoxTable | None = None):
         require_ffcv()
         from ffcv.reader import Reader
 
@@ -284,7 +321,15 @@ class FfcvTrainLoader:
         self.rank, self.world, self.workers, self.seed = rank, world, workers, seed
         self.device, self.os_cache, self.order, self.batches_ahead = torch.device(device), os_cache, order, batches_ahead
         self.decode_once = decode_once  # False: one decode per view, the FFCV-SSL way (for comparison)
-        self.n = Reader(self.beton).num_samples
+        reader = Reader(self.beton)
+        self.n = reader.num_samples
+        self.boxes = boxes
+        self._box_args = {}
+        if boxes is not None:
+            positions = np.ascontiguousarray(np.asarray(reader.metadata["f2"]), np.int64)  # sample -> folder index
+            if len(positions) and positions.max() >= len(boxes):
+                raise ValueError(f"box table of {len(boxes)} rows for folder indices up to {positions.max()}")
+            self._box_args = dict(boxes=boxes.array, active_cell=boxes.active_cell, positions=positions)
         self.epoch_cell = np.zeros(1, np.int64)  # read by the compiled decoder (kernels.views.read_cell)
         self.epoch, self.start_batch = 0, 0
         self.bad_files: set[str] = set()  # bad files were dropped when the .beton was written
@@ -308,11 +353,13 @@ class FfcvTrainLoader:
 
         order = (OrderOption.QUASI_RANDOM if self.order == "quasi_random"
                  else _shard_order(skip, self.rank, self.world, self.batch_size, self.seed))
+        bx = self._box_args
         if self.decode_once:
-            pipelines = {"image": [view_decoder(self.aug, self.seed, self.epoch_cell)]}
+            pipelines = {"image": [view_decoder(self.aug, self.seed, self.epoch_cell, **bx)]}
         else:  # two pipelines over the same field: FFCV decodes the JPEG once per pipeline
-            pipelines = {"image": [view_decoder(self.aug, self.seed, self.epoch_cell, (0,))],
-                         "image2": PipelineSpec("image", decoder=view_decoder(self.aug, self.seed, self.epoch_cell, (1,)))}
+            second = view_decoder(self.aug, self.seed, self.epoch_cell, (1,), **bx)
+            pipelines = {"image": [view_decoder(self.aug, self.seed, self.epoch_cell, (0,), **bx)],
+                         "image2": PipelineSpec("image", decoder=second)}
         pipelines.update(label=[IntDecoder()], index=[IntDecoder()])
         return Loader(self.beton, batch_size=self.batch_size, num_workers=max(1, self.workers),
                       os_cache=self.os_cache, order=order, seed=self.seed, pipelines=pipelines,

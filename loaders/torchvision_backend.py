@@ -1,11 +1,17 @@
 """The torchvision baseline backend: PIL decode once, two MoCo v2 views, DataLoader workers.
 
 Per image (in a worker): decode once with PIL, then twice RandomResizedCrop -> colour jitter (p) ->
-grayscale (p) -> Gaussian blur (p) -> solarize (p) -> flip, as uint8 HWC. The batch ships to the device
-as uint8 NHWC; normalisation, layout and MixMask happen there (mixmask/mixing/stage.py).
+grayscale (p) -> Gaussian blur (p) -> solarize (p) -> flip, as uint8 HWC. The crop window comes from
+kernels/views.py (torchvision's RandomResizedCrop rule, keyed by (seed, epoch, index, view): the same
+windows as the DALI and FFCV backends), resized bilinearly as RandomResizedCrop does; with an active
+ContrastiveCrop box table (mixmask/crops.py; Peng et al., CVPR 2022) and aug.crop_alpha > 0 the
+window's offset is Beta(alpha, alpha) around the image's box. The table is shared memory, read at
+each sample, so persistent workers see its updates. The batch ships to the device as uint8 NHWC;
+normalisation, layout and MixMask happen there (mixmask/mixing/stage.py).
 
-Randomness: each sample's augmentations are seeded by (seed, epoch, index), so a run is reproducible
-for any worker count and resumes exactly. An unreadable image is replaced by the next readable one of
+Randomness: each sample's crop is keyed by (seed, epoch, index, view) and its other augmentations
+(torch RNG) are seeded by (seed, epoch, index), so a run is reproducible for any worker count and
+resumes exactly. An unreadable image is replaced by the next readable one of
 the dataset (the batch keeps its size N) and reported once by path; the count is kept in ``bad_files``.
 """
 
@@ -15,17 +21,24 @@ import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
+from kernels.views import draw_one
 from mixmask.mixing import MixStage
 from loaders.folder import DataError, FolderIndex
 from loaders.sharding import batches_per_epoch, shard_indices
 from mixmask.batch import Batch
+
+if TYPE_CHECKING:
+    from mixmask.crops import BoxTable
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +60,7 @@ class AugParams:
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
+    crop_alpha: float = 0.0  # ContrastiveCrop's Beta(alpha, alpha) offsets once boxes are active; 0 = RandomResizedCrop
 
 
 class _PILGaussianBlur:
@@ -60,11 +74,10 @@ class _PILGaussianBlur:
         return img.filter(ImageFilter.GaussianBlur(radius=radius))
 
 
-def view_transform(p: AugParams) -> T.Compose:
-    """One MoCo v2 view of a PIL RGB image, ending as a PIL image of p.size x p.size."""
+def colour_transform(p: AugParams) -> T.Compose:
+    """The MoCo v2 ops after the crop (colour jitter, grayscale, blur, solarize, flip; torch RNG)."""
     return T.Compose(
         [
-            T.RandomResizedCrop(p.size, scale=p.crop_scale, ratio=p.crop_ratio),
             T.RandomApply([T.ColorJitter(*p.jitter)], p=p.jitter_p),
             T.RandomGrayscale(p=p.gray_p),
             T.RandomApply([_PILGaussianBlur(p.blur_sigma)], p=p.blur_p),
@@ -72,6 +85,44 @@ def view_transform(p: AugParams) -> T.Compose:
             T.RandomHorizontalFlip(p=p.flip_p),
         ]
     )
+
+
+def view_transform(p: AugParams) -> T.Compose:
+    """One MoCo v2 view of a PIL RGB image with torchvision's own RandomResizedCrop (torch RNG), ending
+    as a PIL image of p.size x p.size. The train loader uses KeyedView (the keyed crop) instead."""
+    return T.Compose([T.RandomResizedCrop(p.size, scale=p.crop_scale, ratio=p.crop_ratio), colour_transform(p)])
+
+
+_WHOLE_BOX = np.array([0.0, 0.0, 1.0, 1.0], np.float32)  # (4,) y0, x0, y1, x1
+
+
+class KeyedView:
+    """View `view` (0 or 1) of a sample: the crop window of kernels/views.draw_one keyed by
+    (seed, epoch, index, view), the same (y0, x0, h, w) as the DALI and FFCV backends (ContrastiveCrop's
+    Beta offsets around the image's box when ``boxes`` is active and aug.crop_alpha > 0), resized to
+    size x size bilinearly (RandomResizedCrop's resize), then colour_transform (torch RNG)."""
+
+    def __init__(self, aug: AugParams, view: int, seed: int, boxes: BoxTable | None = None):
+        f64 = lambda *v: np.asarray(v, np.float64)  # noqa: E731
+        self.size, self.view, self.seed, self.boxes, self.alpha = aug.size, view, np.uint64(seed), boxes, aug.crop_alpha
+        self.args = (f64(*aug.crop_scale), f64(*aug.crop_ratio),
+                     f64(aug.jitter_p, aug.gray_p, aug.blur_p, aug.solarize_p, aug.flip_p), f64(*aug.jitter),
+                     f64(*aug.blur_sigma))
+        self.colour = colour_transform(aug)
+
+    def window(self, W: int, H: int, epoch: int, index: int, box_index: int | None = None) -> tuple[int, int, int, int]:
+        """(y0, x0, h, w) px of the crop of a W x H image; box_index: the table row (default index)."""
+        box, alpha = _WHOLE_BOX, 0.0
+        if self.boxes is not None and self.alpha > 0 and self.boxes.active:
+            box, alpha = self.boxes.array[index if box_index is None else box_index], float(self.alpha)
+        y0, x0, h, w = draw_one(self.seed, int(epoch), int(self.view), int(index), int(W), int(H), *self.args,
+                                box, alpha)[:4]
+        return int(y0), int(x0), int(h), int(w)
+
+    def __call__(self, img: Image.Image, epoch: int, index: int, box_index: int | None = None) -> Image.Image:
+        y0, x0, h, w = self.window(img.width, img.height, epoch, index, box_index)
+        img = TF.resized_crop(img, y0, x0, h, w, [self.size, self.size], InterpolationMode.BILINEAR, antialias=True)
+        return self.colour(img)
 
 
 def eval_transform(size: int, resize: int = 0) -> T.Compose:
@@ -114,30 +165,32 @@ def find_unreadable(paths, progress: bool = False) -> list[tuple[str, str]]:
 
 
 class _ImageDataset(Dataset):
-    """Decodes index[i] once and applies ``views`` (a list of transforms) to the same decoded image."""
+    """Decodes index[i] once and applies ``views`` (a list of transforms, or of KeyedView with keyed=True)
+    to the same decoded image."""
 
-    def __init__(self, index: FolderIndex, views: list, seed: int):
-        self.paths, self.labels, self.views, self.seed = index.paths, index.labels, views, seed
+    def __init__(self, index: FolderIndex, views: list, seed: int, keyed: bool = False):
+        self.paths, self.labels, self.views, self.seed, self.keyed = index.paths, index.labels, views, seed, keyed
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _load(self, i: int) -> tuple[Image.Image, int, list[str]]:
+    def _load(self, i: int) -> tuple[Image.Image, int, list[str], int]:
         bad: list[str] = []
         for attempt in range(min(len(self.paths), 16)):
             j = (i + attempt) % len(self.paths)
             try:
-                return decode_image(self.paths[j]), self.labels[j], bad
+                return decode_image(self.paths[j]), self.labels[j], bad, j
             except _DECODE_ERRORS as e:
                 bad.append(f"{self.paths[j]} ({type(e).__name__}: {e})")
         raise DataError(f"{len(bad)} consecutive unreadable images, first: {bad[0]}")
 
     def __getitem__(self, key: tuple[int, int]):
         i, epoch = key
-        img, label, bad = self._load(i)
+        img, label, bad, j = self._load(i)  # j: the image actually read (i, or the next readable one)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, i))
-            views = [torch.from_numpy(np.asarray(t(img), dtype=np.uint8).copy()) for t in self.views]
+            views = [torch.from_numpy(np.asarray(t(img, epoch, i, j) if self.keyed else t(img), dtype=np.uint8).copy())
+                     for t in self.views]
         return (*views, label, i, bad)  # views: (H, W, 3) uint8 each
 
 
@@ -199,7 +252,11 @@ class _Base:
 
 
 class TorchvisionTrainLoader(_Base):
-    """Iterable of Batch for training: two views per image, MixMask applied on the device."""
+    """Iterable of Batch for training: two views per image, MixMask applied on the device.
+
+    boxes: a ContrastiveCrop BoxTable (mixmask/crops.py) of len(index) rows in shared memory, created
+    before this loader (its workers inherit it); None = whole images (plain RandomResizedCrop).
+    """
 
     def __init__(
         self,
@@ -213,13 +270,17 @@ class TorchvisionTrainLoader(_Base):
         prefetch: int = 2,
         seed: int = 0,
         device: str | torch.device = "cpu",
+        boxes: BoxTable | None = None,
     ):
         self.n = len(index)
-        self.world, self.batch_size, self.stage = world, batch_size, stage
+        if boxes is not None and len(boxes) < self.n:
+            raise ValueError(f"box table of {len(boxes)} rows for {self.n} images")
+        self.world, self.batch_size, self.stage, self.boxes = world, batch_size, stage, boxes
         self.start_batch = 0
-        views = [view_transform(aug), view_transform(aug)]
+        views = [KeyedView(aug, 0, seed, boxes), KeyedView(aug, 1, seed, boxes)]
         sampler = _ShardSampler(self.n, rank, world, batch_size, seed, shuffle=True, drop_last=True)
-        super().__init__(_ImageDataset(index, views, seed), sampler, batch_size, workers, prefetch, True, device)
+        super().__init__(_ImageDataset(index, views, seed, keyed=True), sampler, batch_size, workers, prefetch, True,
+                         device)
 
     def __len__(self) -> int:
         return batches_per_epoch(self.n, self.world, self.batch_size)

@@ -2,6 +2,8 @@
 as inputs (DALI; FFCV next): the MoCo v2 recipe (docs/methods.md §6) / loaders.torchvision_backend.AugParams,
 drawn by kernels/views.py (torchvision's RandomResizedCrop rule; every draw keyed by
 (seed, epoch, index, view)), plus the colour map of kernels/color.py for the CPU view pipeline.
+ContrastiveCrop (Peng et al., CVPR 2022): with per-sample boxes and alpha > 0 the crop offsets are
+Beta(alpha, alpha) around each box (kernels/ccrop.py); alpha <= 0 is plain RandomResizedCrop.
 """
 
 from __future__ import annotations
@@ -32,11 +34,20 @@ class ViewBatch:
     solarize: np.ndarray  # (N,) int32
 
 
-def draw_views(aug: AugParams, seed: int, epoch: int, indices, sizes, view: int, colour: bool = True) -> ViewBatch:
+def draw_views(aug: AugParams, seed: int, epoch: int, indices, sizes, view: int, colour: bool = True,
+               boxes=None, alpha: float | None = None) -> ViewBatch:
     """View `view` (0 or 1) of each sample.  indices: (N,) dataset indices; sizes: (N, 2) (W, H) px.
-    colour: also build the affine colour maps (the CPU pipeline's input; the GPU one uses the factors)."""
+    colour: also build the affine colour maps (the CPU pipeline's input; the GPU one uses the factors).
+    boxes: (N, 4) (y0, x0, y1, x1) normalised ContrastiveCrop boxes, None = whole images; alpha: the
+    Beta(alpha, alpha) parameter (None: aug.crop_alpha; <= 0: plain RandomResizedCrop)."""
     idx = np.ascontiguousarray(indices, np.int64)
     n = len(idx)
+    alpha = float(aug.crop_alpha if alpha is None else alpha)
+    if boxes is None:
+        bx = np.zeros((n, 4), np.float32)  # (N, 4) whole images
+        bx[:, 2:] = 1
+    else:
+        bx = np.ascontiguousarray(boxes, np.float32).reshape(n, 4)
     roi = np.empty((n, 4), np.float32)
     flip, jon, gray, bon, sol = (np.empty(n, np.int32) for _ in range(5))
     jit = np.empty((n, 4), np.float32)
@@ -45,7 +56,7 @@ def draw_views(aug: AugParams, seed: int, epoch: int, indices, sizes, view: int,
     draw_view_params(np.uint64(seed), epoch, view, idx, np.ascontiguousarray(sizes, np.int64).reshape(n, 2),
                      f64(*aug.crop_scale), f64(*aug.crop_ratio),
                      f64(aug.jitter_p, aug.gray_p, aug.blur_p, aug.solarize_p, aug.flip_p), f64(*aug.jitter),
-                     f64(*aug.blur_sigma), roi, flip, jon, jit, gray, bon, sigma, sol)
+                     f64(*aug.blur_sigma), bx, alpha, roi, flip, jon, jit, gray, bon, sigma, sol)
     cm = cb = None
     if colour:
         on = jon.astype(bool)

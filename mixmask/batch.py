@@ -6,7 +6,8 @@ and never a method name:
   high-pass filtered) for MSCN and saliency erase masking, which train on the masked view itself;
 - each entry of ``mixes`` is one extra view credited by area to its sources (MixMask: one; Un-Mix +
   MixMask: two); an erased extra view has perm None and lam 1;
-- hard_negative is an extra negative per sample for the frameworks that have negatives.
+- hard_negative is an extra negative per sample for the frameworks that have negatives;
+- keep lists the patches each sample's x1 keeps under masked image modelling (CMAE, docs/methods.md §8).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class Batch:
     index:   (N,) int64 dataset indices of the samples (for exactness tests and debugging).
     mixes:   the mixed views (empty = masking off): see Mixed.
     hard_negative: (N, 3, H, W) a masked copy of x2[j], the extra negative of sample j; None = none.
+    keep:    (N, K) int64 on the device, ascending: the patch indices of x1[j] its encoder sees (token
+             masking, kernels/tokens.py); None = no token masking.
     """
 
     x1: torch.Tensor
@@ -52,6 +55,7 @@ class Batch:
     index: torch.Tensor | None = None
     mixes: tuple[Mixed, ...] = ()
     hard_negative: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
 
     @property
     def size(self) -> int:

@@ -17,9 +17,11 @@ from typing import Any, Literal
 
 import yaml
 
+from mixmask.crops import ContrastiveCropConfig
 from mixmask.frameworks import FRAMEWORKS
 from mixmask.frameworks.barlow_twins import BarlowTwinsConfig
 from mixmask.frameworks.byol import BYOLConfig
+from mixmask.frameworks.cmae import CMAEConfig
 from mixmask.frameworks.moco_v2 import MoCoV2Config
 from mixmask.frameworks.simclr import SimCLRConfig
 from mixmask.frameworks.simsiam import SimSiamConfig
@@ -80,17 +82,20 @@ class MaskConfig:
 
 @dataclass
 class ModelConfig:
-    framework: Literal["moco_v2", "simclr", "byol", "simsiam", "barlow_twins"] = "moco_v2"  # its options: the section of that name
-    arch: Literal["resnet10", "resnet18", "resnet34", "resnet50"] = "resnet18"
-    stem: Literal["imagenet", "small"] = "imagenet"  # small: 3x3 stride-1 conv, no max-pool (<= 64 px)
+    framework: Literal["moco_v2", "simclr", "byol", "simsiam", "barlow_twins", "cmae"] = "moco_v2"  # its options: the section of that name
+    arch: Literal["resnet10", "resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small", "vit_base"] = "resnet18"
+    stem: Literal["imagenet", "small"] = "imagenet"  # ResNets: small = 3x3 stride-1 conv, no max-pool (<= 64 px)
+    patch_size: int = 16  # ViTs: patch side (px); must divide data.image_size
+    vit_depth: int = 0  # ViTs: transformer blocks (0 = the architecture's 12)
 
 
 @dataclass
 class OptimConfig:
     epochs: int = 200
-    optimizer: Literal["sgd", "lars"] = "sgd"  # mixmask/optim.py OPTIMIZERS; lars: timm's LARS (SimCLR, BYOL, Barlow Twins recipes)
+    optimizer: Literal["sgd", "lars", "adamw"] = "sgd"  # mixmask/optim.py OPTIMIZERS; lars: timm's LARS (SimCLR, BYOL, Barlow Twins recipes); adamw: ViTs (MAE)
     lr: float = 0.03  # base learning rate for a global batch of 256 (linearly scaled)
     momentum: float = 0.9  # SGD/LARS momentum
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas (MAE's)
     weight_decay: float = 1e-4
     exclude_bias_bn: bool = False  # biases and norm weights without weight decay (and, with LARS, adaptation)
     lars_trust: float = 0.001  # LARS trust coefficient eta
@@ -140,10 +145,13 @@ class Config:
     byol: BYOLConfig = field(default_factory=BYOLConfig)
     simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
     barlow_twins: BarlowTwinsConfig = field(default_factory=BarlowTwinsConfig)
+    cmae: CMAEConfig = field(default_factory=CMAEConfig)
     # one section per mixing method's own options (mask.method picks the sections; see MIXERS[...].sections)
     unmix: UnMixConfig = field(default_factory=UnMixConfig)
     mscn: MSCNConfig = field(default_factory=MSCNConfig)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
+    # ContrastiveCrop (mixmask/crops.py): the input pipeline's crops follow the model's boxes, any framework
+    ccrop: ContrastiveCropConfig = field(default_factory=ContrastiveCropConfig)
 
     @property
     def framework(self) -> Any:
@@ -276,12 +284,16 @@ def validate(cfg: Config, keys: set[str] = frozenset()) -> None:
             raise ConfigError(f"{key} is set, but mask.method={cfg.mask.method!r}"
                               f"{'' if cfg.mask.enabled else ' is off (mask.enabled=false)'} does not read the "
                               f"{section} section: remove it or select mask.method from {users}")
+    for key in sorted(k for k in keys if k.startswith("ccrop.") and k != "ccrop.enabled"):
+        if not cfg.ccrop.enabled:
+            raise ConfigError(f"{key} is set, but ccrop.enabled=false: remove it or set ccrop.enabled=true")
     if cfg.mask.enabled and "saliency" in mixer.sections and cfg.saliency.hard_negative:
         if not FRAMEWORKS[cfg.model.framework].hard_negatives:
             have = sorted(n for n, cls in FRAMEWORKS.items() if cls.hard_negatives)
             raise ConfigError(f"saliency.hard_negative=true with mask.method={cfg.mask.method}: model.framework="
                               f"{cfg.model.framework!r} has no negatives to add it to; set saliency.hard_negative=false "
                               f"or select model.framework from {have}")
+    _check_architecture(cfg, keys)
     checks = [
         (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
         (cfg.data.batch_size >= 2, "data.batch_size must be >= 2 (MixMask needs a partner image)"),
@@ -299,6 +311,7 @@ def validate(cfg: Config, keys: set[str] = frozenset()) -> None:
         *((False, f"{cfg.model.framework}.{problem}") for problem in cfg.framework.problems()),
         *((False, f"{section}.{problem}") for section in MIXING_SECTIONS if section in mixer.sections
           for problem in getattr(cfg, section).problems()),
+        *((False, f"ccrop.{problem}") for problem in (cfg.ccrop.problems() if cfg.ccrop.enabled else ())),
         (cfg.optim.epochs >= 1, "optim.epochs must be >= 1"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.grad_accum >= 1, "optim.grad_accum must be >= 1"),
@@ -309,3 +322,28 @@ def validate(cfg: Config, keys: set[str] = frozenset()) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _check_architecture(cfg: Config, keys: set[str]) -> None:
+    """ViT-only and ConvNet-only options, and frameworks that need one family."""
+    m, framework = cfg.model, FRAMEWORKS[cfg.model.framework]
+    vit = m.arch.startswith("vit_")
+    if vit:
+        if "model.stem" in keys and m.stem != "imagenet":
+            raise ConfigError(f"model.stem={m.stem} is a ResNet option; model.arch={m.arch} is a ViT: remove model.stem")
+        if m.patch_size < 1 or cfg.data.image_size % m.patch_size:
+            raise ConfigError(f"model.patch_size={m.patch_size} does not divide data.image_size={cfg.data.image_size}")
+        if m.vit_depth < 0:
+            raise ConfigError("model.vit_depth must be >= 0")
+        if cfg.ccrop.size not in (0, cfg.data.image_size):
+            raise ConfigError(f"ccrop.size={cfg.ccrop.size}: a ViT's feature map needs its own image size "
+                              f"(data.image_size={cfg.data.image_size}); remove ccrop.size")
+    else:
+        for key in ("model.patch_size", "model.vit_depth"):
+            if key in keys:
+                raise ConfigError(f"{key} is a ViT option; model.arch={m.arch} is a ResNet: remove it")
+    if framework.vit_only and not vit:
+        raise ConfigError(f"model.framework={m.framework} needs a ViT: set model.arch to vit_tiny, vit_small or vit_base")
+    if framework.masks_tokens and cfg.mask.enabled:
+        raise ConfigError(f"mask.enabled=true with model.framework={m.framework}: it masks tokens "
+                          f"({m.framework}.mask_ratio), not pixels; set mask.enabled=false")

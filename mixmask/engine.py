@@ -14,6 +14,10 @@ weights (queue and key encoder included), optimizer, RNG states and the TrainSta
 The data position is restored by the loader's ``set_epoch(epoch, start_batch)``: its order,
 augmentations and masks are functions of (seed, epoch, index/step), not of history.
 
+``before_epoch(epoch)``, if given, runs at the start of every epoch that starts from its first step (not
+when resuming mid-epoch); its time is not training time. It must be a function of the model and the epoch
+(ContrastiveCrop's box update), so a rerun after a crash at that point gives the same result.
+
 SIGINT/SIGTERM: the step in flight finishes, a checkpoint is written and fit returns with
 ``interrupted`` set (all processes agree on the stop through one all-reduce per step); a second
 signal aborts at once. Rerunning the same command resumes.
@@ -170,6 +174,7 @@ def fit(
     log_every: int = 10,
     monitor: Callable[[], dict[str, float]] | None = None,
     monitor_every: int = 1,
+    before_epoch: Callable[[int], None] | None = None,
     progress: bool = True,
 ) -> dict:
     """Train until ``epochs`` (or ``max_steps``) and return timing/loss facts for the summary."""
@@ -205,6 +210,10 @@ def fit(
     model.train()
     with stop:
         while state.epoch < epochs and state.step < end_step:
+            if before_epoch is not None and state.step_in_epoch == 0:  # e.g. ContrastiveCrop's box update
+                before_epoch(state.epoch)
+                model.train()
+                meter.restart_clock()  # not training time
             loader.set_epoch(state.epoch, state.step_in_epoch * grad_accum)
             batches = iter(loader)
             while state.step_in_epoch < steps_per_epoch and state.step < end_step:

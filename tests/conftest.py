@@ -28,3 +28,26 @@ def tiny_data(tmp_path_factory) -> Path:
     from loaders.demo import ensure_demo_dataset
 
     return ensure_demo_dataset(tmp_path_factory.mktemp("data") / "tiny", n_train_per_class=8, n_val_per_class=4, size=32)
+
+
+GRADIENT_SIZE = (80, 60)  # (W, H) of the gradient_data images
+
+
+@pytest.fixture(scope="session")
+def gradient_data(tmp_path_factory) -> Path:
+    """24 identical 80 x 60 PNGs (2 classes x 12, train split) whose colour encodes the position:
+    R = 3 x + 8, G = 4 y + 8, B = 128 at pixel (x, y). The mean R, G of a crop (resized by any linear
+    filter) give its centre: ((mean R - 8) / 3 + 0.5, (mean G - 8) / 4 + 0.5) px (ContrastiveCrop tests)."""
+    import numpy as np
+    from PIL import Image
+
+    W, H = GRADIENT_SIZE
+    x, y = np.meshgrid(np.arange(W), np.arange(H))
+    img = np.stack([3 * x + 8, 4 * y + 8, np.full_like(x, 128)], -1).astype(np.uint8)  # (H, W, 3)
+    root = tmp_path_factory.mktemp("gradient")
+    for c in range(2):
+        d = root / "train" / f"c{c}"
+        d.mkdir(parents=True)
+        for k in range(12):
+            Image.fromarray(img).save(d / f"{k:02d}.png")
+    return root

@@ -8,6 +8,7 @@ mixmask.config.Config under the same name). Nothing else names a framework.
 from mixmask.frameworks.barlow_twins import BarlowTwins
 from mixmask.frameworks.base import Framework
 from mixmask.frameworks.byol import BYOL
+from mixmask.frameworks.cmae import CMAE
 from mixmask.frameworks.moco_v2 import MoCoV2
 from mixmask.frameworks.simclr import SimCLR
 from mixmask.frameworks.simsiam import SimSiam
@@ -18,6 +19,7 @@ FRAMEWORKS: dict[str, type[Framework]] = {
     "byol": BYOL,
     "simsiam": SimSiam,
     "barlow_twins": BarlowTwins,
+    "cmae": CMAE,
 }
 
 __all__ = ["FRAMEWORKS", "Framework"]

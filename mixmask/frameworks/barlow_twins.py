@@ -24,7 +24,7 @@ from mixmask import distributed as D
 from mixmask.batch import Batch
 from mixmask.frameworks.base import Framework, split_bias_bn
 from mixmask.losses import barlow_twins
-from mixmask.models import Arch, Backbone, Encoder, Stem, mlp
+from mixmask.models import Arch, Backbone, BackboneSpec, Encoder, Stem, make_backbone, mlp
 
 
 @dataclass
@@ -42,11 +42,11 @@ class BarlowTwinsConfig:
 class BarlowTwins(Framework):
     Config = BarlowTwinsConfig
 
-    def __init__(self, cfg: BarlowTwinsConfig = BarlowTwinsConfig(), *, arch: Arch = "resnet50",
+    def __init__(self, cfg: BarlowTwinsConfig = BarlowTwinsConfig(), *, arch: Arch | BackboneSpec = "resnet50",
                  stem: Stem = "imagenet", seed: int = 0, group=None):
         super().__init__()
         self.cfg, self.group = cfg, group
-        backbone = Backbone(arch, stem)
+        backbone = make_backbone(arch, stem)
         self.encoder = Encoder(backbone, mlp([backbone.width, cfg.mlp_hidden, cfg.mlp_hidden, cfg.dim], last_bias=False))
 
     @property

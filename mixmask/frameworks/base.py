@@ -28,6 +28,8 @@ from mixmask.models import Backbone
 class Framework(nn.Module):
     backbone: Backbone  # the online backbone: what evaluation and export read
     hard_negatives: bool = False  # forward uses batch.hard_negative (frameworks with negatives)
+    masks_tokens: bool = False  # forward needs batch.keep (token masking in the input pipeline)
+    vit_only: bool = False  # needs a ViT backbone
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -20,7 +20,7 @@ import torch
 from mixmask.batch import Batch
 from mixmask.frameworks.base import Framework, credit_mixes, ema_, frozen_copy
 from mixmask.losses import normalized_mse
-from mixmask.models import Arch, Backbone, Encoder, Stem, mlp
+from mixmask.models import Arch, Backbone, BackboneSpec, Encoder, Stem, make_backbone, mlp
 
 
 @dataclass
@@ -37,11 +37,11 @@ class BYOLConfig:
 class BYOL(Framework):
     Config = BYOLConfig
 
-    def __init__(self, cfg: BYOLConfig = BYOLConfig(), *, arch: Arch = "resnet50", stem: Stem = "imagenet",
+    def __init__(self, cfg: BYOLConfig = BYOLConfig(), *, arch: Arch | BackboneSpec = "resnet50", stem: Stem = "imagenet",
                  seed: int = 0, group=None):
         super().__init__()
         self.cfg = cfg
-        backbone = Backbone(arch, stem)
+        backbone = make_backbone(arch, stem)
         self.online = Encoder(backbone, mlp([backbone.width, cfg.mlp_hidden, cfg.dim]))
         self.predictor = mlp([cfg.dim, cfg.mlp_hidden, cfg.dim])
         self.target = frozen_copy(self.online)

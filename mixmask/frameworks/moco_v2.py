@@ -33,7 +33,7 @@ from mixmask import distributed as D
 from mixmask.batch import Batch
 from mixmask.frameworks.base import Framework, credit_mixes, ema_, frozen_copy
 from mixmask.losses import info_nce, normalize
-from mixmask.models import Arch, Backbone, Encoder, Stem, mlp
+from mixmask.models import Arch, Backbone, BackboneSpec, Encoder, Stem, make_backbone, mlp
 
 
 @dataclass
@@ -58,11 +58,11 @@ class MoCoV2(Framework):
     Config = MoCoV2Config
     hard_negatives = True
 
-    def __init__(self, cfg: MoCoV2Config = MoCoV2Config(), *, arch: Arch = "resnet50", stem: Stem = "imagenet",
+    def __init__(self, cfg: MoCoV2Config = MoCoV2Config(), *, arch: Arch | BackboneSpec = "resnet50", stem: Stem = "imagenet",
                  seed: int = 0, group=None):
         super().__init__()
         self.cfg, self.seed, self.group = cfg, seed, group
-        backbone = Backbone(arch, stem)
+        backbone = make_backbone(arch, stem)
         self.encoder_q = Encoder(backbone, mlp([backbone.width, cfg.mlp_hidden or backbone.width, cfg.dim], bn=False))
         self.encoder_k = frozen_copy(self.encoder_q)
         self.register_buffer("queue", normalize(torch.randn(cfg.queue, cfg.dim)).T.contiguous())  # (D, K)

@@ -22,7 +22,7 @@ from mixmask import distributed as D
 from mixmask.batch import Batch
 from mixmask.frameworks.base import Framework, credit_mixes
 from mixmask.losses import float32, nt_xent
-from mixmask.models import Arch, Backbone, Encoder, Stem, mlp
+from mixmask.models import Arch, Backbone, BackboneSpec, Encoder, Stem, make_backbone, mlp
 
 
 @dataclass
@@ -49,11 +49,11 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  
 class SimCLR(Framework):
     Config = SimCLRConfig
 
-    def __init__(self, cfg: SimCLRConfig = SimCLRConfig(), *, arch: Arch = "resnet50", stem: Stem = "imagenet",
+    def __init__(self, cfg: SimCLRConfig = SimCLRConfig(), *, arch: Arch | BackboneSpec = "resnet50", stem: Stem = "imagenet",
                  seed: int = 0, group=None):
         super().__init__()
         self.cfg, self.group = cfg, group
-        backbone = Backbone(arch, stem)
+        backbone = make_backbone(arch, stem)
         self.encoder = Encoder(backbone, mlp([backbone.width, cfg.mlp_hidden or backbone.width, cfg.dim]))
 
     @property

@@ -17,7 +17,7 @@ import torch
 from mixmask.batch import Batch
 from mixmask.frameworks.base import Framework, credit_mixes, split_bias_bn
 from mixmask.losses import negative_cosine
-from mixmask.models import Arch, Backbone, Encoder, Stem, mlp
+from mixmask.models import Arch, Backbone, BackboneSpec, Encoder, Stem, make_backbone, mlp
 
 
 @dataclass
@@ -34,11 +34,11 @@ class SimSiamConfig:
 class SimSiam(Framework):
     Config = SimSiamConfig
 
-    def __init__(self, cfg: SimSiamConfig = SimSiamConfig(), *, arch: Arch = "resnet50", stem: Stem = "imagenet",
+    def __init__(self, cfg: SimSiamConfig = SimSiamConfig(), *, arch: Arch | BackboneSpec = "resnet50", stem: Stem = "imagenet",
                  seed: int = 0, group=None):
         super().__init__()
         self.cfg = cfg
-        backbone = Backbone(arch, stem)
+        backbone = make_backbone(arch, stem)
         self.encoder = Encoder(backbone, mlp([backbone.width, cfg.mlp_hidden, cfg.mlp_hidden, cfg.dim], last_bn=True,
                                              last_bias=False))  # BN follows: a bias would get no gradient
         self.predictor = mlp([cfg.dim, cfg.pred_hidden, cfg.dim])

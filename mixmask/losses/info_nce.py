@@ -28,3 +28,11 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t: float, ha
         neg_lse = torch.logaddexp(neg_lse, (q * hard).sum(dim=1) / t + math.log(alpha))
     pos = (q * k).sum(dim=1) / t  # (N,)
     return torch.logaddexp(pos, neg_lse) - pos  # -log softmax of the positive
+
+
+@float32
+def info_nce_batch(q: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, t: float) -> torch.Tensor:
+    """InfoNCE against a batch of keys (MoCo v3 form, Chen et al. 2021, arXiv 2104.02057): the positive of
+    q_j is keys[labels_j], every other key is a negative.
+    q (N, D) and keys (M, D) normalised, labels (N,) int64 -> (N,) float32"""
+    return torch.nn.functional.cross_entropy(q @ keys.T / t, labels, reduction="none")

@@ -6,7 +6,7 @@ from mixmask.mixing.base import Keys, Mixer, Pixels, Views
 from mixmask.mixing.mixmask import MixMask
 from mixmask.mixing.mscn import MSCN, MSCNConfig
 from mixmask.mixing.saliency import Saliency, SaliencyConfig, SaliencyMixMask
-from mixmask.mixing.stage import MixStage
+from mixmask.mixing.stage import MixStage, TokenMasking
 from mixmask.mixing.unmix import UnMix, UnMixConfig, UnMixMixMask
 
 MIXERS: dict[str, type[Mixer]] = {
@@ -18,5 +18,5 @@ MIXERS: dict[str, type[Mixer]] = {
     "saliency_mixmask": SaliencyMixMask,
 }
 
-__all__ = ["MIXERS", "Keys", "Mixer", "Pixels", "Views", "MixStage", "MixMask", "UnMix", "UnMixConfig", "UnMixMixMask",
+__all__ = ["MIXERS", "Keys", "Mixer", "Pixels", "Views", "MixStage", "TokenMasking", "MixMask", "UnMix", "UnMixConfig", "UnMixMixMask",
            "MSCN", "MSCNConfig", "Saliency", "SaliencyConfig", "SaliencyMixMask"]

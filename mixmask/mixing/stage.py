@@ -9,15 +9,37 @@ Philox streams), so a run is reproducible, resumes exactly, and every route trai
 The route only picks who does the work: "auto"/"numba" our Numba kernels (CPU, or CUDA on a GPU),
 "torch" the plain-numpy references of the samplers and float kernels with torch's normalise/select
 (mixmask/fused.py). mixer=None: no mixing, the two normalised views only.
+
+tokens: a TokenMasking (masked image modelling, CMAE) adds ``batch.keep``, the kept patches of x1 per
+sample, drawn on the host from the same keys (kernels/tokens.py) and moved to the device.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 
+from kernels.tokens import keep_tokens, kept_count
 from mixmask.batch import Batch
 from mixmask.fused import Route
 from mixmask.mixing.base import Keys, Mixer, Pixels
+
+
+@dataclass(frozen=True)
+class TokenMasking:
+    """Random patch masking of x1 at ratio r on a grid x grid patch grid (MAE's random masking)."""
+
+    grid: int  # image_size / patch_size
+    ratio: float  # r: the fraction of patches dropped
+
+    @property
+    def kept(self) -> int:
+        return kept_count(self.grid * self.grid, self.ratio)
+
+    def __call__(self, n: int, keys: Keys, device) -> torch.Tensor:  # -> (n, K) int64 on the device
+        keep = keep_tokens(n, self.grid * self.grid, self.kept, keys.seed, keys.epoch, keys.batch_index)
+        return torch.from_numpy(keep).to(device, non_blocking=True)
 
 
 class MixStage:
@@ -33,9 +55,10 @@ class MixStage:
         rank: int = 0,
         world: int = 1,
         route: Route = "auto",
+        tokens: TokenMasking | None = None,
     ):
         self.px = Pixels(mean, std, dtype, channels_last, route)
-        self.mixer, self.seed, self.rank, self.world = mixer, seed, rank, world
+        self.mixer, self.seed, self.rank, self.world, self.tokens = mixer, seed, rank, world, tokens
 
     def keys(self, epoch: int, step: int) -> Keys:
         return Keys(self.seed, epoch, step * self.world + self.rank)  # batch_index unique per (step, rank)
@@ -49,11 +72,16 @@ class MixStage:
         epoch: int,
         step: int,
     ) -> Batch:
+        keys = self.keys(epoch, step)
         if self.mixer is None:
             x1, x2, _ = self.px.mix(v1, v2, None, None)
-            return Batch(x1, x2, labels, index)
-        views = self.mixer(v1, v2, self.keys(epoch, step), self.px)
-        return Batch(views.x1, views.x2, labels, index, views.mixes, views.hard_negative)
+            batch = Batch(x1, x2, labels, index)
+        else:
+            views = self.mixer(v1, v2, keys, self.px)
+            batch = Batch(views.x1, views.x2, labels, index, views.mixes, views.hard_negative)
+        if self.tokens is not None:
+            batch = replace(batch, keep=self.tokens(v1.shape[0], keys, v1.device))
+        return batch
 
     def normalize(self, v: torch.Tensor) -> torch.Tensor:
         """One uint8 view (N, H, W, 3) -> normalised (N, 3, H, W), no mixing."""

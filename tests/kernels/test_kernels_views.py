@@ -4,14 +4,17 @@ import numpy as np
 from kernels.views import draw_view_params
 
 
-def draw(fn, seed, epoch, view, idx, sizes):
+def draw(fn, seed, epoch, view, idx, sizes, boxes=None, alpha=0.0):
     n = len(idx)
+    if boxes is None:
+        boxes = np.tile(np.float32([0, 0, 1, 1]), (n, 1))  # (n, 4) whole images
     out = dict(roi=np.empty((n, 4), np.float32), flip=np.empty(n, np.int32), jitter_on=np.empty(n, np.int32),
                jitter=np.empty((n, 4), np.float32), gray=np.empty(n, np.int32), blur_on=np.empty(n, np.int32),
                sigma=np.empty(n, np.float32), solarize=np.empty(n, np.int32))
     f = np.asarray
     fn(np.uint64(seed), epoch, view, f(idx, np.int64), f(sizes, np.int64), f([0.2, 1.0]), f([0.75, 4 / 3]),
-       f([0.8, 0.2, 0.5, 0.1, 0.5]), f([0.4, 0.4, 0.4, 0.1]), f([0.1, 2.0]), *out.values())
+       f([0.8, 0.2, 0.5, 0.1, 0.5]), f([0.4, 0.4, 0.4, 0.1]), f([0.1, 2.0]),
+       np.ascontiguousarray(boxes, np.float32), float(alpha), *out.values())
     return out
 
 

@@ -291,3 +291,24 @@ def test_header_size_rejects_malformed_headers():
     for bad in (good[:20], b"\xff\xd8\x00\x00" + good[4:], b"not an image at all", b""):
         with pytest.raises(Exception):
             header_size(bad)
+
+
+def test_contrastive_crop_boxes_follow_table_updates(gradient_data):
+    """The feeder passes each image's box of the current table: epoch 0 with the table inactive is
+    plain RandomResizedCrop; after an in-place update the views of epoch 1 are cropped around the new
+    boxes (the pipeline, which had prefetched epoch 1 with the old table, is rebuilt once), as
+    kernels/views.py predicts. A pass with an unchanged table reuses the pipeline."""
+    from ccrop_checks import AUG, check_epoch, raw_stage, take as take_raw, update_table
+    from mixmask.crops import BoxTable
+
+    index = index_split(gradient_data, "train")
+    table = BoxTable(len(index))
+    ld = DaliTrainLoader(index, AUG, raw_stage, 8, threads=2, prefetch=2, seed=5, boxes=table)
+    check_epoch(take_raw(ld, 0), 5, 0)
+    update_table(table)
+    pipe = ld.pipe
+    check_epoch(take_raw(ld, 1), 5, 1, box=table.array[0], alpha=AUG.crop_alpha)
+    assert ld.pipe is not pipe  # rebuilt: its prefetched batches had the old boxes
+    pipe = ld.pipe
+    check_epoch(take_raw(ld, 2), 5, 2, box=table.array[0], alpha=AUG.crop_alpha)
+    assert ld.pipe is pipe  # unchanged table: the same pipeline goes on

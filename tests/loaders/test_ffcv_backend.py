@@ -228,3 +228,21 @@ def test_unraisable_filter_drops_only_numbas_finalizer_keyerror(monkeypatch):
     sys.unraisablehook(other_file)
     sys.unraisablehook(other_type)
     assert seen == [other_file.exc_value, other_type.exc_value]
+
+
+def test_contrastive_crop_boxes_follow_table_updates(gradient_data, tmp_path):
+    """The compiled decoder reads the box table through its address: after an in-place update the
+    SAME compiled pipeline crops epoch 1 around the new boxes, as kernels/views.py predicts (epoch 0,
+    table inactive: plain RandomResizedCrop)."""
+    from ccrop_checks import AUG, check_epoch, raw_stage, take as take_raw, update_table
+    from mixmask.crops import BoxTable
+
+    beton = tmp_path / "gradient.beton"
+    write_beton(gradient_data, "train", beton, write_mode="raw", workers=1, progress=False)  # exact pixels
+    table = BoxTable(len(index_split(gradient_data, "train")))
+    ld = FfcvTrainLoader(beton, AUG, raw_stage, 8, workers=2, seed=5, boxes=table)
+    check_epoch(take_raw(ld, 0), 5, 0)
+    compiled = ld._loader
+    update_table(table)
+    check_epoch(take_raw(ld, 1), 5, 1, box=table.array[0], alpha=AUG.crop_alpha)
+    assert ld._loader is compiled

@@ -74,3 +74,43 @@ def test_views_are_normalised_uint8_pixels(tiny_data):
     lut = normalize(torch.arange(256, dtype=torch.uint8).view(1, 1, 256, 1).expand(1, 1, 256, 3), MEAN, STD)
     for c in range(3):
         assert torch.isin(b.x1[:, c].flatten(), lut[0, c].flatten()).all()
+
+
+def test_crop_windows_are_the_keyed_ones(tiny_data):
+    """The crop is kernels/views.py's window for (seed, epoch, index, view), resized as
+    RandomResizedCrop does: with colour ops and flips off, every view equals that resized crop."""
+    import numpy as np
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from ccrop_checks import raw_stage
+    from loaders.torchvision_backend import KeyedView, decode_image
+
+    aug = AugParams(24, jitter_p=0.0, gray_p=0.0, blur_p=0.0, flip_p=0.0)
+    index = index_split(tiny_data, "train")
+    ld = TorchvisionTrainLoader(index, aug, raw_stage, batch_size=16, workers=0, seed=3)
+    ld.set_epoch(2)
+    v1, v2, idx = next(iter(ld))
+    for view, v in ((0, v1), (1, v2)):
+        kv = KeyedView(aug, view, 3)
+        for k, i in enumerate(idx.tolist()):
+            img = decode_image(index.paths[i])
+            y0, x0, h, w = kv.window(img.width, img.height, 2, i)
+            want = TF.resized_crop(img, y0, x0, h, w, [24, 24], InterpolationMode.BILINEAR, antialias=True)
+            assert np.array_equal(v[k].numpy(), np.asarray(want)), (view, i)
+
+
+def test_contrastive_crop_update_reaches_persistent_workers(gradient_data):
+    """Two persistent workers, started in epoch 0 (table inactive: plain RandomResizedCrop); the box
+    table is then rewritten in place, and the same workers crop epoch 1 around the new boxes."""
+    from ccrop_checks import AUG, check_epoch, raw_stage, take, update_table
+    from mixmask.crops import BoxTable
+
+    index = index_split(gradient_data, "train")
+    table = BoxTable(len(index))
+    ld = TorchvisionTrainLoader(index, AUG, raw_stage, batch_size=8, workers=2, seed=5, boxes=table)
+    check_epoch(take(ld, 0), 5, 0)
+    workers = [w.pid for w in ld.loader._iterator._workers]
+    update_table(table)
+    check_epoch(take(ld, 1), 5, 1, box=table.array[0], alpha=AUG.crop_alpha)
+    assert [w.pid for w in ld.loader._iterator._workers] == workers  # the same processes

@@ -15,6 +15,13 @@ the other ranks' copies) and reruns, so the test shows it would catch that bug. 
 only for shuffle-BN and the queue, keys different from one process by design) is only run: finite loss and
 gradients, the same queue on both ranks.
 
+CMAE (contrastive="infonce") gathers its keys WITHOUT gradient (they come from the frozen momentum encoder) and
+scores each local query against all W N keys, its positive at row rank * N + j. Each rank's loss is the mean
+over its own samples, so the mean of the ranks' losses (and of their loss_con) must equal the one-process loss
+on the concatenated batch, and the DDP-averaged gradients its gradients. Negative controls: keys not gathered
+(each rank scores against its own N keys, repeated W times), and keys gathered but the positive's row not offset by the
+rank; both must change the contrastive loss.
+
 Batch norm: with BN in train mode each rank normalises with its own 4-sample statistics, which differ from
 the 8-sample statistics of one process, so for the exact comparison every BatchNorm of the model (backbone
 and projector) is REPLACED BY nn.Identity (strip_bn below); the losses themselves do not depend on the
@@ -37,7 +44,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import mixmask.distributed as D
 from mixmask.batch import Batch, Mixed
-from mixmask.frameworks import BarlowTwins, MoCoV2, SimCLR
+from mixmask.frameworks import CMAE, BarlowTwins, MoCoV2, SimCLR
+from mixmask.models import BackboneSpec
 
 N, SIZE, SEED = 4, 16, 0  # per-rank batch, image size, weight seed
 RTOL, ATOL = 1e-4, 1e-5
@@ -54,6 +62,12 @@ CASES = {
 }
 
 
+VIT = BackboneSpec("vit_tiny", image_size=SIZE, patch_size=4, vit_depth=1)
+VIT_L, VIT_K = (SIZE // 4) ** 2, 4
+CMAE_CFG = CMAE.Config(decoder_dim=32, decoder_heads=2, decoder_depth=1, dim=16, mlp_hidden=32, temperature=0.2,
+                       contrastive="infonce", w_reconstruction=1.0, w_contrastive=1.0, w_position=0.1)
+
+
 def strip_bn(module: nn.Module) -> nn.Module:
     """Every BatchNorm -> Identity, in place: the forward no longer depends on how the batch is split."""
     for name, child in module.named_children():
@@ -66,7 +80,8 @@ def strip_bn(module: nn.Module) -> nn.Module:
 
 def build(cls, cfg, group, bn: bool = False) -> nn.Module:
     torch.manual_seed(SEED)  # the frameworks draw their initial weights from the global RNG: same on all ranks
-    model = cls(cfg, arch="resnet10", stem="small", seed=SEED, group=group)
+    arch = VIT if cls is CMAE else "resnet10"
+    model = cls(cfg, arch=arch, stem="small", seed=SEED, group=group)
     return model if bn else strip_bn(model)
 
 
@@ -80,12 +95,15 @@ def global_batch() -> Batch:
     pixel = (torch.rand(m, 1, SIZE, SIZE, generator=g) < torch.rand(m, 1, 1, 1, generator=g)).float()
     mixed = pixel * x1 + (1 - pixel) * x1[perm]
     lam = pixel.mean(dim=(1, 2, 3))  # realised fraction from x1[j], random per sample
-    return Batch(x1, x2, torch.arange(m), mixes=(Mixed(mixed, perm, lam),))
+    # CMAE's kept tokens of x1 (16 patches of 4 px, 4 kept), drawn last: the other fields do not change
+    keep = torch.stack([torch.randperm(VIT_L, generator=g)[:VIT_K].sort().values for _ in range(m)])
+    return Batch(x1, x2, torch.arange(m), mixes=(Mixed(mixed, perm, lam),), keep=keep)
 
 
 def local_batch(b: Batch) -> Batch:
     s = slice(RANK * N, (RANK + 1) * N)
-    return Batch(b.x1[s], b.x2[s], b.labels[s], mixes=(Mixed(b.mixed[s], b.perm[s] - RANK * N, b.lam[s]),))
+    return Batch(b.x1[s], b.x2[s], b.labels[s], mixes=(Mixed(b.mixed[s], b.perm[s] - RANK * N, b.lam[s]),),
+                 keep=b.keep[s])
 
 
 def flat_grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -173,6 +191,53 @@ if RANK == 0:
         "nonzero_grads": bool(g.abs().sum() > 0),
         "queue_ptr": int(moco.module.queue_ptr),
         "queue_same_on_ranks": bool(torch.equal(queues[0], queues[1])),
+    }
+
+# CMAE, infonce: keys gathered without gradient; heads without BN (strip_bn) so the split does not matter
+def cmae_step(batch: Batch) -> tuple[list[list[float]], dict[str, torch.Tensor], float]:
+    model = DDP(build(CMAE, CMAE_CFG, GROUP))
+    res = model(local_batch(batch))
+    res["loss"].backward()
+    grads = flat_grads(model.module)
+    every = all_gather_cat(torch.cat([g.flatten() for g in grads.values()]))
+    spread = float((every - every[0]).abs().max())
+    losses = all_gather_cat(torch.stack([res["loss"].detach(), res["loss_con"].detach()])).tolist()  # (W, 2)
+    return losses, grads, spread
+
+
+def local_keys_only(t: torch.Tensor, group) -> torch.Tensor:
+    """Negative control: no gather, the local keys repeated W times (the shape the framework expects)."""
+    return torch.cat([t] * D.world_size(group))
+
+
+keys_gather, correct_rank = D.gather, D.rank
+c_losses, c_grads, c_spread = cmae_step(batch)
+D.gather = local_keys_only  # the framework calls D.gather / D.rank at forward time
+try:
+    nogather_losses = cmae_step(batch)[0]
+finally:
+    D.gather = keys_gather
+D.rank = lambda group: 0  # negative control: gathered keys, positives not offset by the rank
+try:
+    nooffset_losses = cmae_step(batch)[0]
+finally:
+    D.rank = correct_rank
+if RANK == 0:
+    ref_model = build(CMAE, CMAE_CFG, None)
+    ref_out = ref_model(batch)
+    ref_out["loss"].backward()
+    ref = flat_grads(ref_model)
+    result["cmae"] = {
+        "rank_losses": [r[0] for r in c_losses],
+        "rank_loss_con": [r[1] for r in c_losses],
+        "reference_loss": float(ref_out["loss"].detach()),
+        "reference_loss_con": float(ref_out["loss_con"].detach()),
+        "rank_grad_spread": c_spread,
+        "max_abs_grad": max(float(g.abs().max()) for g in ref.values()),
+        "target_params_trainable": sum(p.requires_grad for p in ref_model.target.parameters()),
+        "grads": compare(c_grads, ref),
+        "no_gather_loss_con": [r[1] for r in nogather_losses],
+        "no_offset_loss_con": [r[1] for r in nooffset_losses],
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
 dist.barrier()
