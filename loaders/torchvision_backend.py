@@ -87,12 +87,6 @@ def colour_transform(p: AugParams) -> T.Compose:
     )
 
 
-def view_transform(p: AugParams) -> T.Compose:
-    """One MoCo v2 view of a PIL RGB image with torchvision's own RandomResizedCrop (torch RNG), ending
-    as a PIL image of p.size x p.size. The train loader uses KeyedView (the keyed crop) instead."""
-    return T.Compose([T.RandomResizedCrop(p.size, scale=p.crop_scale, ratio=p.crop_ratio), colour_transform(p)])
-
-
 _WHOLE_BOX = np.array([0.0, 0.0, 1.0, 1.0], np.float32)  # (4,) y0, x0, y1, x1
 
 
