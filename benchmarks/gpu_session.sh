@@ -9,6 +9,7 @@
 #                                                                  -> $OUT/bench/bench.json, bench.png
 #   kernels  the kernel benchmark alone, 15 rounds                 -> $OUT/kernels.json, kernels.txt
 #   demo     the demo recipe trained on the GPU in bf16            -> $OUT/demo_gpu_summary.json, demo_gpu.txt
+#   cmae     the CMAE demo with ContrastiveCrop on the GPU in bf16 -> $OUT/cmae_gpu_summary.json, cmae_gpu.txt
 # Usage there: OUT=DIR bash benchmarks/gpu_session.sh [steps...]   (default: env tests dali bench)
 # The wheels shipped beside it are installed first: make them with benchmarks/gpu_wheels.sh, which also
 # lists the device calls that carry them.
@@ -55,6 +56,13 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '-', 'numba.cuda'
         run.out_dir=/tmp/runs run.name=demo_gpu run.progress=false data.workers=12 2>&1 | tail -40 \
         | tee "$OUT/demo_gpu.txt"
       cp /tmp/runs/demo_gpu/summary.json "$OUT/demo_gpu_summary.json" 2>/dev/null ;;
+    cmae)  # the ablation's last row (benchmarks/methods.py, suite cmae) on the GPU: timm ViT, bf16 autocast
+      MIXMASK_DATA_DIR=/tmp/mixmask-data timeout 400 $PY -m accelerate.commands.launch --num_processes 1 \
+        --num_machines 1 --mixed_precision bf16 --dynamo_backend no train.py model.framework=cmae \
+        ccrop.enabled=true ccrop.alpha=0.1 ccrop.warmup=2 ccrop.interval=2 \
+        run.out_dir=/tmp/runs run.name=cmae_gpu run.progress=false data.workers=12 2>&1 | tail -40 \
+        | tee "$OUT/cmae_gpu.txt"
+      cp /tmp/runs/cmae_gpu/summary.json "$OUT/cmae_gpu_summary.json" 2>/dev/null ;;
     dali)  # the DALI GPU path against its CPU path, then loader throughput on the GPU
       $PY -m pytest -q -m "gpu and dali" -p no:cacheprovider tests/loaders 2>&1 | tee "$OUT/pytest_dali_gpu.txt" | tail -15
       n=$(nproc)

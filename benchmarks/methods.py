@@ -29,7 +29,7 @@ from pathlib import Path
 from benchmarks import machine, mean_std
 from benchmarks.frameworks import run_logged
 
-FIGURES = ("knn_top1", "linear_top1", "images_per_sec", "train_seconds")
+FIGURES = ("knn_top1_init", "knn_top1", "linear_top1", "images_per_sec", "train_seconds")
 CMAE = ["model.framework=cmae"]
 CMAE_NO_AUX = [*CMAE, "cmae.w_contrastive=0", "cmae.w_position=0"]
 CCROP = ["ccrop.enabled=true", "ccrop.alpha=0.1", "ccrop.warmup=2", "ccrop.interval=2"]  # small data: alpha 0.1
@@ -98,10 +98,10 @@ def markdown(suite: str, table: list[dict], facts: dict, epochs: int, plot: str)
     lines = [f"`python -m benchmarks.methods --suite {suite} --epochs {epochs}` on {facts['date'][:10]}, "
              f"{facts['cores']} cores {facts['cpu']}, {'GPU ' + facts['gpu'] if facts['gpu'] else 'no GPU'}, "
              f"torch {facts['torch']}; {s.title}, demo data, {epochs} epochs each, seeds {seeds} (mean ± std).", "",
-             "| variant | kNN top-1 | linear top-1 | train img/s | training s |", "|---|---|---|---|---|"]
+             "| variant | kNN before | kNN top-1 | linear top-1 | train img/s | training s |", "|---|---|---|---|---|---|"]
     for r in table:
         label = s.variants[r["variant"]][0] if r["variant"] in s.variants else r["variant"]
-        lines.append(f"| {label} (`{r['variant']}`) | {fmt(r, 'knn_top1')} | {fmt(r, 'linear_top1')} | "
+        lines.append(f"| {label} (`{r['variant']}`) | {r['knn_top1_init']:.1f} | {fmt(r, 'knn_top1')} | {fmt(r, 'linear_top1')} | "
                      f"{fmt(r, 'images_per_sec', 0)} | {fmt(r, 'train_seconds', 0)} |")
     if plot:
         lines += ["", f"![{suite}]({plot})"]

@@ -167,3 +167,20 @@ def test_bad_data_folder_is_one_line_error(tmp_path):
                               "--data", str(data), "--backends", "torchvision"], cwd=REPO, capture_output=True,
                              text=True, timeout=300)
         assert res.returncode != 0 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+
+
+def test_every_suite_variant_is_a_valid_demo_config():
+    """Each cell of `python -m benchmarks.methods --suite S` is train.py with the variant's overrides on the
+    demo recipe train.py itself layers: every one must load (a typo would only surface an hour into a suite),
+    and the variants of a suite must differ from each other."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.methods import SUITES
+    from mixmask.config import load_config
+    from train import default_configs
+
+    for name, suite in SUITES.items():
+        seen = []
+        for variant, (_, overrides) in suite.variants.items():
+            cfg = load_config(default_configs(overrides), overrides).to_dict()
+            assert cfg not in seen, (name, variant)
+            seen.append(cfg)
