@@ -358,6 +358,7 @@ def load_pretrained(cfg: Config, accelerator):
 
     from mixmask.checkpoint import resolve_weights
     from mixmask.config import apply_overrides
+    from mixmask.models import is_vit
 
     weights = resolve_weights(cfg.eval.checkpoint or Path(cfg.run.out_dir) / cfg.run.name)
     stored = weights.parent / "config.json"
@@ -365,7 +366,7 @@ def load_pretrained(cfg: Config, accelerator):
         saved = json.loads(stored.read_text())["config"]
         framework = saved["model"]["framework"]
         stored_sections = {"model": saved["model"], framework: saved.get(framework, {})}
-        if saved["model"]["arch"].startswith("vit_"):  # a ViT's positional embedding fixes the image size
+        if is_vit(saved["model"]["arch"]):  # a ViT's positional embedding fixes the image size
             stored_sections["data"] = {"image_size": saved["data"]["image_size"]}
         apply_overrides(cfg, stored_sections, str(stored))
     model = build_model(cfg, 1)

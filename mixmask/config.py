@@ -26,6 +26,7 @@ from mixmask.frameworks.moco_v2 import MoCoV2Config
 from mixmask.frameworks.simclr import SimCLRConfig
 from mixmask.frameworks.simsiam import SimSiamConfig
 from mixmask.mixing import MIXERS
+from mixmask.models import is_vit
 from mixmask.mixing.mscn import MSCNConfig
 from mixmask.mixing.saliency import SaliencyConfig
 from mixmask.mixing.unmix import UnMixConfig
@@ -327,7 +328,7 @@ def validate(cfg: Config, keys: set[str] = frozenset()) -> None:
 def _check_architecture(cfg: Config, keys: set[str]) -> None:
     """ViT-only and ConvNet-only options, and frameworks that need one family."""
     m, framework = cfg.model, FRAMEWORKS[cfg.model.framework]
-    vit = m.arch.startswith("vit_")
+    vit = is_vit(m.arch)
     if vit:
         if "model.stem" in keys and m.stem != "imagenet":
             raise ConfigError(f"model.stem={m.stem} is a ResNet option; model.arch={m.arch} is a ViT: remove model.stem")

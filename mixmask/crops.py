@@ -210,13 +210,12 @@ class ContrastiveCrop:
                 idx = torch.as_tensor(idx).to(boxes.device)
                 if gather is not None:
                     boxes, idx = gather(boxes), gather(idx)
-                self.table.array[idx.cpu().numpy().astype(np.int64)] = boxes.cpu().numpy()
+                self.table.write(idx, boxes)
                 written += len(idx)
         finally:
             if training:
                 owner.train()
-        self.table.active_cell[0] = 1
-        self.table.touch()
+        self.table.active = True
         return written
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ A framework gets its process group as an argument (None = one process); it never
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -68,15 +69,23 @@ def credit_mixes(batch: Batch, embed, pair_loss, target: torch.Tensor) -> torch.
     return total
 
 
-def split_bias_bn(named, weight_decay: float, exclude_bias_bn: bool, **extra) -> list[dict]:
-    """Groups {"params", "weight_decay", "lr_scale", "fixed_lr", "name"} of the trainable parameters."""
+def split_bias_bn(named, weight_decay: float, exclude_bias_bn: bool, no_decay: tuple[str, ...] = (),
+                  **extra) -> list[dict]:
+    """Groups {"params", "weight_decay", "lr_scale", "fixed_lr", "name"} of the trainable parameters;
+    with exclude_bias_bn the 1-D ones and those whose last name component is in no_decay go undecayed."""
     decay, plain = [], []
-    for _, p in named:
+    for name, p in named:
         if p.requires_grad:
-            (plain if exclude_bias_bn and p.ndim <= 1 else decay).append(p)
+            undecayed = p.ndim <= 1 or name.rsplit(".", 1)[-1] in no_decay
+            (plain if exclude_bias_bn and undecayed else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "weights"},
               {"params": plain, "weight_decay": 0.0, "name": "biases_norms"}]
     return [{"lr_scale": 1.0, "fixed_lr": False, **g, **extra} for g in groups if g["params"]]
+
+
+def cosine_momentum(base: float, step: int, total_steps: int) -> float:
+    """BYOL's target-momentum schedule: tau = 1 - (1 - base) (cos(pi k / K) + 1) / 2, from base to 1."""
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * step / max(1, total_steps)) + 1.0) / 2.0
 
 
 @torch.no_grad()

@@ -12,13 +12,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from mixmask.batch import Batch
-from mixmask.frameworks.base import Framework, credit_mixes, ema_, frozen_copy
+from mixmask.frameworks.base import Framework, cosine_momentum, credit_mixes, ema_, frozen_copy
 from mixmask.losses import normalized_mse
 from mixmask.models import Arch, Backbone, BackboneSpec, Encoder, Stem, make_backbone, mlp
 
@@ -67,7 +66,7 @@ class BYOL(Framework):
         return out
 
     def tau(self, step: int, total_steps: int) -> float:
-        return 1.0 - (1.0 - self.cfg.momentum) * (math.cos(math.pi * step / max(1, total_steps)) + 1.0) / 2.0
+        return cosine_momentum(self.cfg.momentum, step, total_steps)
 
     def after_step(self, step: int, total_steps: int) -> None:
         ema_(list(self.target.parameters()), list(self.online.parameters()), self.tau(step, total_steps))

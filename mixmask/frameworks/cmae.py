@@ -31,7 +31,6 @@ Pooled features for kNN/probes: the mean of the online encoder's normalised patc
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,7 +39,7 @@ from torch import nn
 
 from mixmask import distributed as D
 from mixmask.batch import Batch
-from mixmask.frameworks.base import Framework, ema_, frozen_copy, split_bias_bn
+from mixmask.frameworks.base import Framework, cosine_momentum, ema_, frozen_copy, split_bias_bn
 from mixmask.losses import info_nce_batch, masked_mse, normalize, normalized_mse, position_ce
 from mixmask.models import BackboneSpec, Encoder, MAEDecoder, ViTBackbone, make_backbone, mlp
 from mixmask.models.vit import patchify
@@ -140,20 +139,11 @@ class CMAE(Framework):
 
     def param_groups(self, weight_decay: float, exclude_bias_bn: bool = False) -> list[dict]:
         """As every framework, and with exclude_bias_bn the token and positional embeddings too (MAE)."""
-        named = self.named_parameters()
-        if not exclude_bias_bn:
-            return split_bias_bn(named, weight_decay, False)
-        tokens = {"cls_token", "pos_embed", "mask_token"}
-        decay = [(n, p) for n, p in named if n.rsplit(".", 1)[-1] not in tokens]
-        groups = split_bias_bn(decay, weight_decay, True)
-        plain = [p for n, p in self.named_parameters() if n.rsplit(".", 1)[-1] in tokens and p.requires_grad]
-        for g in groups:
-            if g["weight_decay"] == 0.0:
-                g["params"] = g["params"] + plain
-        return groups
+        return split_bias_bn(self.named_parameters(), weight_decay, exclude_bias_bn,
+                             no_decay=("cls_token", "pos_embed", "mask_token"))
 
     def tau(self, step: int, total_steps: int) -> float:
-        return 1.0 - (1.0 - self.cfg.momentum) * (math.cos(math.pi * step / max(1, total_steps)) + 1.0) / 2.0
+        return cosine_momentum(self.cfg.momentum, step, total_steps)
 
     def after_step(self, step: int, total_steps: int) -> None:
         if self.target is not None:

@@ -20,12 +20,7 @@ KEYS = [(0, 0, 0), (3, 1, 7), (2 ** 64 - 1, 2 ** 32 - 1, 5), (12345, 9, 2 ** 31 
 SHAPES = [(16, 4), (16, 12), (64, 16), (49, 12), (5, 1), (7, 7), (3, 2)]  # (L, K)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run(backend: str, n, L, K, seed, epoch, batch_index) -> np.ndarray:

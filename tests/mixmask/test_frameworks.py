@@ -46,13 +46,7 @@ PLAIN = {"moco_v2": {"shuffle_bn": False}}
 MOMENTUM_NET = {"moco_v2": ("encoder_q", "encoder_k"), "byol": ("online", "target")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine they spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def gen(seed: int) -> torch.Generator:
