@@ -13,7 +13,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 NPROC  ?= 1
 
-.PHONY: setup apt train test bench bench-readme bench-kernels bench-loaders bench-frameworks compare ablate-cmae compare-ccrop clean
+.PHONY: setup apt train test bench bench-readme bench-kernels bench-loaders bench-frameworks compare ablate-cmae compare-ccrop evaluate clean
 
 setup: $(STAMP)
 
@@ -52,31 +52,36 @@ QUICK ?=
 bench: setup
 	$(PY) -m benchmarks --out bench-out $(if $(QUICK),--quick,)
 
-# README's benchmark section from the last `make bench` (copies the chart to docs/).
+# docs/performance.md's benchmark section from the last `make bench` (copies the chart to docs/).
 bench-readme: setup
 	cp bench-out/bench.png docs/bench.png
-	$(PY) -m benchmarks.report bench-out/bench.json --readme README.md --chart docs/bench.png
+	$(PY) -m benchmarks.report bench-out/bench.json --readme docs/performance.md --chart docs/bench.png
 
 bench-loaders: setup
 	$(PY) -m benchmarks.loaders --json bench-out/loaders.json
 
-# The demo of every framework with MixMask on and off (kNN, linear probe, img/s): README's framework table.
+# The demo of every framework with MixMask on and off (kNN, linear probe, img/s): docs/results.md's framework table.
 SEEDS ?= 0
 bench-frameworks: setup
-	$(PY) -m benchmarks.frameworks --seeds $(SEEDS) --out bench-out/frameworks --readme README.md
+	$(PY) -m benchmarks.frameworks --seeds $(SEEDS) --out bench-out/frameworks --readme docs/results.md
 
-# The seed papers' comparison in miniature (MoCo v2 + each masking method, 3 seeds): README's methods table + plot.
+# The seed papers' comparison in miniature (MoCo v2 + each masking method, 3 seeds): docs/results.md's methods table + plot.
 COMPARE_SEEDS ?= 0,1,2
 compare: setup
-	$(PY) -m benchmarks.methods --seeds $(COMPARE_SEEDS) --out bench-out/methods --readme README.md
+	$(PY) -m benchmarks.methods --seeds $(COMPARE_SEEDS) --out bench-out/methods --readme docs/results.md
 
 # The CMAE ablation (MAE -> + small decoder -> + contrastive -> + position -> + ContrastiveCrop, 3 seeds).
 ablate-cmae: setup
-	$(PY) -m benchmarks.methods --suite cmae --seeds $(COMPARE_SEEDS) --readme README.md
+	$(PY) -m benchmarks.methods --suite cmae --seeds $(COMPARE_SEEDS) --readme docs/results.md
 
 # MoCo v2 + MixMask with and without ContrastiveCrop (3 seeds).
 compare-ccrop: setup
-	$(PY) -m benchmarks.methods --suite ccrop --seeds $(COMPARE_SEEDS) --readme README.md
+	$(PY) -m benchmarks.methods --suite ccrop --seeds $(COMPARE_SEEDS) --readme docs/results.md
+
+# Every evaluation protocol (kNN, linear, semi-supervised 1% / 10%, fine-tuning) on the demo checkpoint through
+# every backend: README's first table.
+evaluate: setup
+	$(PY) -m benchmarks.evaluations --readme README.md
 
 clean:
 	rm -rf runs bench-out .pytest_cache

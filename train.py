@@ -3,6 +3,11 @@
     accelerate launch train.py [--config FILE ...] [section.field=value ...]        pretrain
     accelerate launch train.py linear [--config FILE ...] [eval.checkpoint=PATH ...] linear probe
     accelerate launch train.py knn [--config FILE ...] [eval.checkpoint=PATH ...]    kNN top-1
+    accelerate launch train.py finetune [...] [finetune.*=...]       supervised fine-tuning, every label
+    accelerate launch train.py semisup [...] [finetune.fraction=0.01]   the same on a per-class label share
+    python train.py export [--out DIR] [--formats torchvision,timm,detectron2] [eval.checkpoint=PATH]
+    python train.py show-batch [--out PNG] [--samples N] [data.backend=...] [mask.method=...]   one batch as a grid
+    python train.py report RUN_DIR [RUN_DIR ...] [--out DIR]        results table (markdown) and plots
     python train.py check [--config FILE ...] [data.root=DIR]    list the images the backend cannot decode
     python train.py write-beton [--overwrite] [--config FILE ...] [data.ffcv_*=...]   ImageFolder -> .beton
 
@@ -28,13 +33,7 @@ import yaml
 from loaders.demo import ensure_demo_dataset
 from mixmask.mixing import MixStage
 from loaders.folder import DataError, index_split
-from loaders.torchvision_backend import (
-    AugParams,
-    TorchvisionEvalLoader,
-    TorchvisionTrainLoader,
-    eval_transform,
-    probe_train_transform,
-)
+from loaders.torchvision_backend import AugParams, TorchvisionEvalLoader, TorchvisionTrainLoader, eval_transform
 from mixmask.config import Config, ConfigError, load_config, parse_cli_overrides
 from mixmask.evaluation import knn_top1, linear_probe
 
@@ -91,18 +90,28 @@ def default_configs(overrides: list[str]) -> list[Path]:
     return [CONFIGS / "demo.yaml"] + [p for p in overlays if p.is_file()]
 
 
+def backbone_spec(cfg: Config):
+    from mixmask.models import BackboneSpec
+
+    m = cfg.model
+    return BackboneSpec(m.arch, m.stem, cfg.data.image_size, m.patch_size, m.vit_depth)
+
+
+def token_grid(cfg: Config) -> int | None:
+    """A ViT's patch grid side (for pictures of token masking), None for ResNets."""
+    from mixmask.models import is_vit
+
+    return cfg.data.image_size // cfg.model.patch_size if is_vit(cfg.model.arch) else None
+
+
 def build_model(cfg: Config, world: int):
     """The model.framework's model from its config section (mixmask/frameworks FRAMEWORKS)."""
     import torch.distributed as dist
 
     from mixmask.frameworks import FRAMEWORKS
 
-    from mixmask.models import BackboneSpec
-
-    m = cfg.model
-    spec = BackboneSpec(m.arch, m.stem, cfg.data.image_size, m.patch_size, m.vit_depth)
-    return FRAMEWORKS[m.framework](cfg.framework, arch=spec, seed=cfg.run.seed,
-                                   group=dist.group.WORLD if world > 1 else None)
+    return FRAMEWORKS[cfg.model.framework](cfg.framework, arch=backbone_spec(cfg), seed=cfg.run.seed,
+                                           group=dist.group.WORLD if world > 1 else None)
 
 
 def make_optimizer(cfg: Config, model, lr: float):
@@ -131,19 +140,31 @@ def make_stage(cfg: Config, accelerator, masking: bool) -> MixStage:
     )
 
 
-def eval_loader(cfg: Config, accelerator, root: Path, split: str, transform=None, shuffle=False):
-    return TorchvisionEvalLoader(
-        index_split(root, split),
-        transform or eval_transform(cfg.data.image_size, cfg.data.eval_resize),
-        make_stage(cfg, accelerator, masking=False),
-        batch_size=cfg.data.batch_size,
-        rank=accelerator.process_index,
-        world=accelerator.num_processes,
-        workers=cfg.data.workers,
-        seed=cfg.run.seed,
-        shuffle=shuffle,
-        device=accelerator.device,
-    )
+def eval_loader(cfg: Config, accelerator, root: Path, split: str, transform=None):
+    """One centre-cropped view per image (resize the shorter side to data.eval_resize, crop data.image_size),
+    decoded once, through data.backend; padded shards (callers drop repeats by index). ``transform``: a
+    torchvision transform instead (ContrastiveCrop's whole-image pass), read by the torchvision loader."""
+    d, rank, world = cfg.data, accelerator.process_index, accelerator.num_processes
+    stage, resize = make_stage(cfg, accelerator, masking=False), d.eval_resize or round(d.image_size * 8 / 7)
+    if transform is None and d.backend == "dali":
+        from loaders.dali_backend import DaliEvalLoader
+
+        return DaliEvalLoader(index_split(root, split), d.image_size, resize, stage, d.batch_size, rank, world,
+                              threads=max(1, d.workers), device=accelerator.device)
+    if transform is None and d.backend == "ffcv":
+        from loaders.ffcv_backend import FfcvEvalLoader
+
+        return FfcvEvalLoader(beton(cfg, accelerator, root, split), d.image_size, resize, stage, d.batch_size, rank,
+                              world, workers=d.workers, device=accelerator.device)
+    return TorchvisionEvalLoader(index_split(root, split), transform or eval_transform(d.image_size, resize), stage,
+                                 batch_size=d.batch_size, rank=rank, world=world, workers=d.workers, seed=cfg.run.seed,
+                                 device=accelerator.device)
+
+
+def one_view_aug(cfg: Config, crop_scale: tuple[float, float]) -> AugParams:
+    """RandomResizedCrop + horizontal flip, no colour: the views of fine-tuning and the augmented linear probe."""
+    d = cfg.data
+    return AugParams(d.image_size, crop_scale, d.crop_ratio, 0.5, (0.0, 0.0, 0.0, 0.0), 0.0, 0.0, 0.0, d.blur_sigma, 0.0)
 
 
 def features_fn(model, accelerator):
@@ -181,27 +202,35 @@ def beton_dir(cfg: Config, root: Path) -> Path:
     return Path(cfg.data.beton_dir) if cfg.data.beton_dir else root / "ffcv"
 
 
-def train_loader(cfg: Config, accelerator, index, aug: AugParams, boxes=None):
-    """The training-view loader of data.backend (eval loaders are the torchvision ones for every backend);
-    boxes: ContrastiveCrop's shared box table (mixmask/crops.py), or None."""
-    stage = make_stage(cfg, accelerator, masking=True)
-    if cfg.data.backend == "ffcv":
-        from loaders.ffcv_backend import FfcvTrainLoader, ensure_beton
+def beton(cfg: Config, accelerator, root: Path, split: str) -> Path:
+    """<beton_dir>/<split>.beton, written once by the main process on first use."""
+    from loaders.ffcv_backend import ensure_beton
 
-        with accelerator.main_process_first():  # the .beton is written once, by the main process
-            beton = ensure_beton(index.root.parent, "train", beton_dir(cfg, index.root.parent),
-                                 **beton_writer_args(cfg, cfg.run.progress and accelerator.is_main_process))
-        return FfcvTrainLoader(beton, aug, stage, cfg.data.batch_size, accelerator.process_index,
-                               accelerator.num_processes, cfg.data.workers, cfg.run.seed, accelerator.device,
-                               cfg.data.ffcv_os_cache, cfg.data.ffcv_order, batches_ahead=cfg.data.prefetch,
-                               boxes=boxes)
-    args = (index, aug, stage, cfg.data.batch_size, accelerator.process_index, accelerator.num_processes,
-            cfg.data.workers, cfg.data.prefetch, cfg.run.seed, accelerator.device)
-    if cfg.data.backend == "dali":
+    with accelerator.main_process_first():
+        return ensure_beton(root, split, beton_dir(cfg, root),
+                            **beton_writer_args(cfg, cfg.run.progress and accelerator.is_main_process))
+
+
+def train_loader(cfg: Config, accelerator, index, aug: AugParams, boxes=None, *, views: int = 2, indices=None,
+                 batch_size: int = 0):
+    """The training loader of data.backend: Batch of ``views`` views (1: x1 only, for supervised training and
+    probes: no masking), of the images at folder positions ``indices`` (None: all); boxes: ContrastiveCrop's
+    shared box table (mixmask/crops.py), or None."""
+    d, rank, world = cfg.data, accelerator.process_index, accelerator.num_processes
+    stage, batch = make_stage(cfg, accelerator, masking=views == 2), batch_size or d.batch_size
+    common = dict(views=views, indices=indices, boxes=boxes)
+    if d.backend == "ffcv":
+        from loaders.ffcv_backend import FfcvTrainLoader
+
+        return FfcvTrainLoader(beton(cfg, accelerator, index.root.parent, "train"), aug, stage, batch, rank, world,
+                               d.workers, cfg.run.seed, accelerator.device, d.ffcv_os_cache, d.ffcv_order,
+                               batches_ahead=d.prefetch, **common)
+    args = (index, aug, stage, batch, rank, world, d.workers, d.prefetch, cfg.run.seed, accelerator.device)
+    if d.backend == "dali":
         from loaders.dali_backend import DaliTrainLoader
 
-        return DaliTrainLoader(*args, hw_decoder_load=cfg.data.hw_decoder_load, boxes=boxes)
-    return TorchvisionTrainLoader(*args, boxes=boxes)
+        return DaliTrainLoader(*args, hw_decoder_load=d.hw_decoder_load, **common)
+    return TorchvisionTrainLoader(*args, **common)
 
 
 def box_updater(cfg: Config, crop, model, accelerator, root: Path):
@@ -264,6 +293,24 @@ def cmd_write_beton(cfg: Config, overwrite: bool) -> int:
     return 0
 
 
+def log_metrics(accelerator, run_dir: Path, state, values: dict) -> None:
+    """Values outside the training loop (kNN before and after it) to TensorBoard and metrics.jsonl, like fit's."""
+    accelerator.log(values, step=state.step)
+    if accelerator.is_main_process:
+        with (run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": state.step, "epoch": state.epoch, "time": time.time(), **values}) + "\n")
+
+
+def exit_if_interrupted(accelerator, facts: dict, state, run_dir: Path) -> None:
+    """After fit: a run stopped by a signal (its checkpoint written) exits with 128 + the signal."""
+    if facts["interrupted"]:
+        if accelerator.is_main_process:
+            print(f"interrupted at step {state.step}: checkpoint written in {run_dir}; "
+                  "run the same command again to resume", file=sys.stderr)
+        accelerator.end_training()
+        raise SystemExit(128 + facts["interrupted"])
+
+
 def cmd_train(cfg: Config) -> dict:
     from accelerate.utils import set_seed
 
@@ -289,6 +336,15 @@ def cmd_train(cfg: Config) -> dict:
         crop_alpha=cfg.ccrop.alpha if crop else 0.0,
     )
     loader = train_loader(cfg, accelerator, train_index, aug, boxes=crop.table if crop else None)
+    preview = None
+    if cfg.run.show_every and accelerator.is_main_process:  # the batch as the model sees it, in TensorBoard
+        from mixmask.visualize import BatchPreview
+
+        def show(grid, count: int) -> None:
+            accelerator.get_tracker("tensorboard", unwrap=True).add_image("batch", grid, count, dataformats="HWC")
+
+        loader = preview = BatchPreview(loader, cfg.run.show_every, show, cfg.data.mean, cfg.data.std,
+                                        token_grid=token_grid(cfg))
     d = derived(cfg, accelerator.num_processes, len(loader) // cfg.optim.grad_accum)
     model = build_model(cfg, accelerator.num_processes)
     if cfg.data.channels_last:
@@ -307,6 +363,8 @@ def cmd_train(cfg: Config) -> dict:
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
         log.info("resumed from %s at epoch %d, step %d", ckpt, state.epoch, state.step)
+        if preview is not None:  # the TensorBoard batch grids keep counting batches across the resume
+            preview.count = state.step * cfg.optim.grad_accum
     if accelerator.is_main_process:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         log.info("run %s: %s", run_dir, json.dumps(d))
@@ -317,6 +375,7 @@ def cmd_train(cfg: Config) -> dict:
     if "knn_top1_init" not in state.monitors:
         state.monitors["knn_top1_init"] = monitor()["knn_top1"]
         log.info("kNN top-1 before training: %.2f%%", state.monitors["knn_top1_init"])
+        log_metrics(accelerator, run_dir, state, {"knn_top1": state.monitors["knn_top1_init"]})
     knn_init = state.monitors["knn_top1_init"]
     facts = fit(
         accelerator, model, optimizer, loader, state, run_dir=run_dir, config=resolved,
@@ -326,14 +385,9 @@ def cmd_train(cfg: Config) -> dict:
         monitor_every=cfg.run.knn_every, progress=cfg.run.progress,
         before_epoch=box_updater(cfg, crop, model, accelerator, root) if crop else None,
     )
-    if facts["interrupted"]:
-        if accelerator.is_main_process:
-            print(f"interrupted at step {state.step}: checkpoint written in {run_dir}; "
-                  "run the same command again to resume", file=sys.stderr)
-        accelerator.end_training()
-        raise SystemExit(128 + facts["interrupted"])
+    exit_if_interrupted(accelerator, facts, state, run_dir)
     knn_final = monitor()["knn_top1"]
-    accelerator.log({"knn_top1": knn_final}, step=state.step)
+    log_metrics(accelerator, run_dir, state, {"knn_top1": knn_final})
     summary = {
         "epochs": state.epoch,
         **facts,
@@ -353,11 +407,13 @@ def cmd_train(cfg: Config) -> dict:
 
 
 def load_pretrained(cfg: Config, accelerator):
-    """The model of ``eval.checkpoint`` (default: the run's latest), built from its stored config."""
+    """The model of ``eval.checkpoint`` (default: the run's latest), built from its stored config (which sets
+    cfg's model section, the framework's section and, for ViTs, data.image_size)."""
     from safetensors.torch import load_file
 
     from mixmask.checkpoint import resolve_weights
     from mixmask.config import apply_overrides
+    from mixmask.export import ExportError, backbone_prefix, backbone_state, check_backbone
     from mixmask.models import is_vit
 
     weights = resolve_weights(cfg.eval.checkpoint or Path(cfg.run.out_dir) / cfg.run.name)
@@ -370,8 +426,29 @@ def load_pretrained(cfg: Config, accelerator):
             stored_sections["data"] = {"image_size": saved["data"]["image_size"]}
         apply_overrides(cfg, stored_sections, str(stored))
     model = build_model(cfg, 1)
-    model.load_state_dict(load_file(str(weights)))
+    state = load_file(str(weights))
+    try:
+        check_backbone(backbone_state(state, backbone_prefix(cfg.model.framework)), backbone_spec(cfg), str(weights))
+        model.load_state_dict(state)
+    except (ExportError, RuntimeError) as e:  # a checkpoint of another architecture or framework
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"the checkpoint does not fit model.framework={cfg.model.framework} model.arch={cfg.model.arch}"
+                          f"{'' if stored.is_file() else ' (no config.json beside it: set model.* to its architecture)'}"
+                          f": {first}") from None
     return model.to(accelerator.device), weights
+
+
+def results_path(weights: Path, name: str) -> Path:
+    """Where an evaluation of ``weights`` writes ``name`` (linear.json, semisup_1.json, ...): beside it."""
+    return weights.parent / name
+
+
+def probe_loader(cfg: Config, accelerator, root: Path, index, crop_scale=(0.08, 1.0), indices=None, batch_size=0):
+    """(x, labels, index) batches of one RandomResizedCrop + flip view per image, on data.backend."""
+    from mixmask.evaluation import FirstView
+
+    return FirstView(train_loader(cfg, accelerator, index, one_view_aug(cfg, crop_scale), views=1, indices=indices,
+                                  batch_size=batch_size))
 
 
 def cmd_eval(cfg: Config, kind: str) -> dict:
@@ -386,22 +463,163 @@ def cmd_eval(cfg: Config, kind: str) -> dict:
         result = {**monitor(), "k": cfg.run.knn_k, "t": cfg.run.knn_t}
     else:
         e = cfg.eval
-        train = eval_loader(
-            cfg, accelerator, root, "train", probe_train_transform(cfg.data.image_size) if e.augment else None,
-            shuffle=e.augment,
-        )
+        index = index_split(root, "train")
+        train = probe_loader(cfg, accelerator, root, index) if e.augment else eval_loader(cfg, accelerator, root, "train")
         val = eval_loader(cfg, accelerator, root, "val")
         result = linear_probe(
-            features, model.width, train, val, len(train.classes), e.epochs, e.lr, e.weight_decay, e.milestones,
+            features, model.width, train, val, len(index.classes), e.epochs, e.lr, e.weight_decay, e.milestones,
             e.augment, e.batch_size, accelerator.device, accelerator.gather, train.set_epoch, progress, cfg.run.seed,
         )
         result.update(epochs=e.epochs, lr=e.lr, augment=e.augment)
-    result["checkpoint"] = str(weights)
+    result.update(checkpoint=str(weights), backend=cfg.data.backend, processes=accelerator.num_processes)
     if accelerator.is_main_process:
-        out = weights.parent / f"{kind}.json"
+        out = results_path(weights, f"{kind}.json")
         out.write_text(json.dumps(result, indent=2))
         print(f"{kind}: top-1 {result.get('top1', result.get('knn_top1')):.2f}%  ({out})")
     return result
+
+
+def cmd_finetune(cfg: Config, semisup: bool) -> dict:
+    """Supervised fine-tuning of a checkpoint's backbone, end to end, through the engine (resumable): on every
+    training label (``finetune``) or on a fixed per-class share (``semisup``, finetune.fraction). Runs in
+    <pretraining run>/<tag>/ (tag finetune or semisup_<percent>); the result also goes beside the checkpoint
+    as <tag>.json."""
+    from loaders.folder import label_subset, load_subset, save_subset
+    from mixmask.checkpoint import latest_checkpoint, resolve_weights
+    from mixmask.engine import TrainState, fit
+    from mixmask.evaluation import top1_accuracy
+    from mixmask.frameworks.supervised import Supervised
+    from mixmask.optim import build_optimizer
+
+    f, started = cfg.finetune, time.perf_counter()
+    weights = resolve_weights(cfg.eval.checkpoint or Path(cfg.run.out_dir) / cfg.run.name)
+    tag = f"semisup_{f.fraction * 100:g}" if semisup else "finetune"
+    run_dir = (weights.parent.parent if weights.parent.name.startswith("checkpoint-") else weights.parent) / tag
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(cfg, run_dir, trackers=True)
+    cfg.eval.checkpoint = str(weights)
+    pretrained, _ = load_pretrained(cfg, accelerator)  # sets cfg.model from the checkpoint
+    root = data_root(cfg, accelerator)
+    index = index_split(root, "train")
+    positions = None
+    if semisup:  # the subset: the run's own (resume), a given file, or drawn from the seed; written to the run
+        mine = run_dir / "subset.json"
+        source = mine if mine.is_file() else Path(f.subset) if f.subset else None
+        positions = load_subset(source, index) if source else label_subset(index, f.fraction, cfg.run.seed)
+        if accelerator.is_main_process and not mine.is_file():
+            save_subset(mine, index, positions, fraction=f.fraction, seed=cfg.run.seed, source=str(source or "seed"))
+    images = len(index) if positions is None else len(positions)
+    batch = f.batch_size or cfg.data.batch_size
+    if images < batch * accelerator.num_processes:
+        raise DataError(f"{images} labelled images cannot fill one batch of {batch} on each of "
+                        f"{accelerator.num_processes} process(es); set finetune.batch_size <= "
+                        f"{images // accelerator.num_processes}")
+    loader = train_loader(cfg, accelerator, index, one_view_aug(cfg, f.crop_scale), views=1, indices=positions,
+                          batch_size=batch)
+    steps_per_epoch = len(loader)
+    global_batch = batch * accelerator.num_processes
+    d = {"world_size": accelerator.num_processes, "global_batch": global_batch, "lr": f.lr * global_batch / 256,
+         "steps_per_epoch": steps_per_epoch, "warmup_steps": round(f.warmup_epochs * steps_per_epoch),
+         "labelled_images": images}
+    model = Supervised(len(index.classes), arch=backbone_spec(cfg), label_smoothing=f.label_smoothing)
+    model.backbone.load_state_dict(pretrained.backbone.state_dict())
+    del pretrained
+    groups = model.param_groups(weight_decay=f.weight_decay, exclude_bias_bn=True)
+    optimizer = build_optimizer(f.optimizer, groups, lr=d["lr"], momentum=f.momentum, betas=f.betas)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    resolved = {"config": cfg.to_dict(), "derived": d, "git_sha": git_sha(), "pretrained": str(weights),
+                "command": "semisup" if semisup else "finetune"}
+    ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        log.info("resumed from %s at epoch %d, step %d", ckpt, state.epoch, state.step)
+    if accelerator.is_main_process:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        log.info("%s of %s: %s", tag, weights, json.dumps(d))
+    accelerator.init_trackers("tb")
+    val = eval_loader(cfg, accelerator, root, "val")
+    net = accelerator.unwrap_model(model)
+
+    def monitor() -> dict[str, float]:
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            net.eval()
+            with torch.no_grad(), accelerator.autocast():
+                return net.logits(x)
+
+        return {"val_top1": top1_accuracy(logits, val, accelerator.gather,
+                                          progress=cfg.run.progress and accelerator.is_main_process)}
+
+    facts = fit(accelerator, model, optimizer, loader, state, run_dir=run_dir, config=resolved, epochs=f.epochs,
+                base_lr=d["lr"], warmup_steps=d["warmup_steps"], checkpoint_every=cfg.run.checkpoint_every,
+                keep_checkpoints=cfg.run.keep_checkpoints, max_steps=cfg.run.max_steps, log_every=cfg.run.log_every,
+                monitor=monitor, monitor_every=f.eval_every, progress=cfg.run.progress)
+    exit_if_interrupted(accelerator, facts, state, run_dir)
+    top1 = monitor()["val_top1"]
+    log_metrics(accelerator, run_dir, state, {"val_top1": top1})
+    result = {"top1": top1, "kind": "semisup" if semisup else "finetune", "fraction": f.fraction if semisup else 1.0,
+              "labelled_images": images, "epochs": state.epoch, "steps": state.step, "lr": d["lr"],
+              "optimizer": f.optimizer, "label_smoothing": f.label_smoothing, "backend": cfg.data.backend,
+              "processes": accelerator.num_processes, "images_per_sec": facts["images_per_sec"],
+              "wall_seconds": time.perf_counter() - started, "checkpoint": str(weights), "run_dir": str(run_dir)}
+    if accelerator.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps({**facts, **result, **resolved}, indent=2))
+        out = results_path(weights, f"{tag}.json")
+        out.write_text(json.dumps(result, indent=2))
+        print(f"{tag}: val top-1 {top1:.2f}% after {state.epoch} epochs on {images} labelled images "
+              f"({facts['images_per_sec']:.0f} img/s)  ({out})")
+    accelerator.end_training()
+    return result
+
+
+def cmd_export(cfg: Config, out: str, formats: list[str]) -> int:
+    """The backbone of eval.checkpoint as standalone files for torchvision, timm and detectron2 (mixmask/export.py)."""
+    from mixmask.checkpoint import resolve_weights
+    from mixmask.export import export
+
+    weights = resolve_weights(cfg.eval.checkpoint or Path(cfg.run.out_dir) / cfg.run.name)
+    stored = weights.parent / "config.json"
+    config = json.loads(stored.read_text())["config"] if stored.is_file() else None
+    done = export(weights, config, Path(out) if out else weights.parent / "export", formats)  # -> export.json too
+    where = Path(out) if out else weights.parent / "export"
+    for name, f in done["files"].items():
+        print(f"{where / name}  [{f['format']}]\n    {f['load']}" + (f"\n    absent: {', '.join(f['absent'])}" if f["absent"] else ""))
+    for fmt, why in done["skipped"].items():
+        print(f"skipped {fmt}: {why}")
+    return 0
+
+
+def cmd_show_batch(cfg: Config, out: str, samples: int, step: int) -> int:
+    """A PNG grid of one real training batch of data.backend with mask.method's views (mixmask/visualize.py)."""
+    from accelerate import Accelerator
+
+    from mixmask.visualize import batch_grid, save_grid
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    root = data_root(cfg, accelerator)
+    index = index_split(root, "train")
+    aug = AugParams(cfg.data.image_size, cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.flip_p, cfg.data.jitter,
+                    cfg.data.jitter_p, cfg.data.gray_p, cfg.data.blur_p, cfg.data.blur_sigma, cfg.data.solarize_p)
+    loader = train_loader(cfg, accelerator, index, aug)
+    loader.set_epoch(0, step)
+    batch = next(iter(loader))
+    path = Path(out) if out else Path(cfg.run.out_dir) / cfg.run.name / "batch.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(path, batch_grid(batch, cfg.data.mean, cfg.data.std, max_samples=samples, token_grid=token_grid(cfg)))
+    what = f"{cfg.mask.method}" if cfg.mask.enabled else "no masking"
+    print(f"{path}: batch {step} of epoch 0, {cfg.data.backend} backend, {what}, {min(samples, batch.size)} samples")
+    return 0
+
+
+def cmd_report(runs: list[str], out: Path) -> int:
+    """A markdown table and PNG plots of one or many run directories (mixmask/report.py)."""
+    from mixmask.report import write_report
+
+    path = write_report([Path(r) for r in runs], out)
+    print(path.read_text().split("\n\n![")[0])
+    print(f"written: {path}")
+    return 0
 
 
 def fan_out_cpu_processes(argv: list[str]) -> int | None:
@@ -435,32 +653,57 @@ def fan_out_cpu_processes(argv: list[str]) -> int | None:
     return subprocess.call(cmd)
 
 
+COMMANDS = ("train", "linear", "knn", "finetune", "semisup", "export", "show-batch", "report", "check", "write-beton")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     code = fan_out_cpu_processes(argv)
     if code is not None:
         return code
-    command = argv.pop(0) if argv and argv[0] in ("train", "linear", "knn", "check", "write-beton") else "train"
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     parser = argparse.ArgumentParser(prog=f"train.py {command}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", default=None, help="YAML file(s) of overrides, in order")
-    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    if command == "report":
+        parser.add_argument("runs", nargs="+", help="run directories (or folders of run directories)")
+        parser.add_argument("--out", default="runs/report", help="where report.md and the plots go")
+    else:
+        parser.add_argument("--config", action="append", default=None, help="YAML file(s) of overrides, in order")
+        parser.add_argument("overrides", nargs="*", help="section.field=value")
     if command == "write-beton":
         parser.add_argument("--overwrite", action="store_true", help="replace existing .beton files")
+    if command == "export":
+        parser.add_argument("--out", default="", help="output folder (default: <checkpoint>/export)")
+        parser.add_argument("--formats", default="torchvision,timm,detectron2", help="comma-separated formats")
+    if command == "show-batch":
+        parser.add_argument("--out", default="", help="PNG path (default: <run.out_dir>/<run.name>/batch.png)")
+        parser.add_argument("--samples", type=int, default=8, help="rows: the first samples of the batch")
+        parser.add_argument("--step", type=int, default=0, help="which batch of epoch 0")
     args = parser.parse_args(argv)
+    from mixmask.export import ExportError
+    from mixmask.report import ReportError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if command == "report":
+            return cmd_report(args.runs, Path(args.out))
         cfg = load_config(args.config or default_configs(args.overrides), args.overrides)
         if command == "check":
             return cmd_check(cfg)
         if command == "write-beton":
             return cmd_write_beton(cfg, args.overwrite)
+        if command == "export":
+            return cmd_export(cfg, args.out, [f for f in args.formats.split(",") if f])
+        if command == "show-batch":
+            return cmd_show_batch(cfg, args.out, args.samples, args.step)
         if command == "train":
             cmd_train(cfg)
+        elif command in ("finetune", "semisup"):
+            cmd_finetune(cfg, semisup=command == "semisup")
         else:
             cmd_eval(cfg, command)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, FileNotFoundError, ExportError, ReportError) as e:
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,15 +1,15 @@
 """The demo for every framework with MixMask on and off: kNN before/after, linear probe, img/s, train time.
 
     python -m benchmarks.frameworks [--frameworks moco_v2,simclr,...] [--masking on,off] [--seeds 0,1,2]
-                                    [--out bench-out/frameworks] [--readme README.md] [section.field=value ...]
-    make bench-frameworks            (SEEDS=0,1,2 for three seeds; writes the table into README.md)
+                                    [--out bench-out/frameworks] [--readme docs/results.md] [section.field=value ...]
+    make bench-frameworks            (SEEDS=0,1,2 for three seeds; writes the table into docs/results.md)
 
 Each cell is ``train.py model.framework=F mask.enabled=... run.seed=S`` on the demo recipe (configs/demo.yaml
 + configs/demo_F.yaml, exactly what ``make train ARGS="model.framework=F"`` runs), then
 ``train.py linear eval.augment=false`` on its checkpoint (cached centre-crop features, 100 epochs).
 Finished runs (summary.json + linear.json present) are not redone, so an interrupted command resumes.
 Prints a table (mean +- std over the seeds where there are several) and writes OUT/frameworks.json
-(machine, every run's figures) and OUT/frameworks.md (the README table).
+(machine, every run's figures) and OUT/frameworks.md (the table of docs/results.md).
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--masking", default="on,off", help="on, off or both")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--out", default="bench-out/frameworks")
-    ap.add_argument("--readme", default="", help="put the table between README's frameworks markers")
+    ap.add_argument("--readme", default="",
+                    help="put the table between the frameworks markers of this file (docs/results.md)")
     ap.add_argument("overrides", nargs="*", help="section.field=value passed to every run")
     a = ap.parse_args(argv)
     out = Path(a.out)

@@ -1,8 +1,8 @@
 """The seed papers' comparisons in miniature, one command per suite, on the demo:
 
     python -m benchmarks.methods [--suite methods|cmae|ccrop] [--variants a,b,...] [--seeds 0,1,2]
-                                 [--epochs E] [--out DIR] [--readme README.md] [section.field=value ...]
-    make compare / make ablate-cmae / make compare-ccrop        (seeds 0,1,2; README tables + plots)
+                                 [--epochs E] [--out DIR] [--readme docs/results.md] [section.field=value ...]
+    make compare / make ablate-cmae / make compare-ccrop        (seeds 0,1,2; docs/results.md tables + plots)
 
 Suites (SUITES below):
   methods  MoCo v2 alone ("plain", mask.enabled=false) and with each masking method (mask.method=M)
@@ -14,13 +14,15 @@ Each cell is ``train.py <the variant's overrides> run.seed=S optim.epochs=E`` on
 the same budget in epochs for every variant of a suite), then ``train.py linear eval.augment=false`` on
 its checkpoint. Finished runs are not redone, so an interrupted command resumes. Prints a table (mean +-
 std over the seeds) and writes OUT/<suite>.json (machine, every run), OUT/<suite>.md and OUT/<suite>.png
-(kNN and linear top-1 per variant, error bars = std over seeds).
+(kNN and linear top-1 per variant, error bars = std over seeds). With --readme FILE the table replaces the
+text between FILE's <suite> markers and the plot is copied to docs/<suite>.png, linked relative to FILE.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=0, help="training epochs of every run (0 = the suite's default)")
     ap.add_argument("--out", default="", help="output directory (default bench-out/<suite>)")
-    ap.add_argument("--readme", default="", help="put the table between README's <suite> markers, the plot in docs/")
+    ap.add_argument("--readme", default="",
+                    help="put the table between the <suite> markers of this file (docs/results.md), the plot in docs/")
     ap.add_argument("overrides", nargs="*", help="section.field=value passed to every run")
     a = ap.parse_args(argv)
     suite, s = a.suite, SUITES[a.suite]
@@ -151,11 +154,13 @@ def main(argv=None) -> int:
             for n in names]
     table, facts = mean_std(rows, ("variant",), FIGURES), machine()
     plot(suite, table, out / f"{suite}.png", epochs)
-    md = markdown(suite, table, facts, epochs, f"docs/{suite}.png" if a.readme else "")
+    docs = Path(__file__).resolve().parents[1] / "docs"  # the plots' home; linked relative to the --readme file
+    link = os.path.relpath(docs / f"{suite}.png", Path(a.readme).resolve().parent) if a.readme else ""
+    md = markdown(suite, table, facts, epochs, link)
     print(md)
     (out / f"{suite}.md").write_text(md)
     if a.readme:
-        shutil.copy(out / f"{suite}.png", Path(a.readme).parent / "docs" / f"{suite}.png")
+        shutil.copy(out / f"{suite}.png", docs / f"{suite}.png")
         readme = Path(a.readme).read_text()
         start_m, end_m = markers(suite)
         start, end = readme.index(start_m) + len(start_m), readme.index(end_m)

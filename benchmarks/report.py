@@ -1,7 +1,7 @@
-"""README's benchmark section from a `python -m benchmarks` run, and two runs compared figure by figure.
+"""docs/performance.md's benchmark section from a `python -m benchmarks` run, and two runs compared figure by figure.
 
     python -m benchmarks.report bench-out/bench.json                  print the markdown
-    python -m benchmarks.report bench-out/bench.json --readme README.md   replace the section between
+    python -m benchmarks.report bench-out/bench.json --readme docs/performance.md   replace the section between
                                                                       <!-- bench:start --> and <!-- bench:end -->
     python -m benchmarks.report bench-out/bench.json --compare OTHER.json
                                           is each figure of OTHER within this run's noise? (exit 0 either way)
@@ -135,7 +135,7 @@ def update_readme(readme: Path, text: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bench_json")
-    ap.add_argument("--readme", help="README to update in place")
+    ap.add_argument("--readme", help="markdown file to update in place (docs/performance.md)")
     ap.add_argument("--chart", default="", help="path of the chart to mention")
     ap.add_argument("--compare", metavar="OTHER_JSON", help="another run's bench.json: figures side by side")
     a = ap.parse_args(argv)

@@ -1,4 +1,5 @@
-"""The FFCV backend: .beton files, one JPEG decode per image, two MoCo v2 views in one compiled op.
+"""The FFCV backend: .beton files, one JPEG decode per image, two MoCo v2 views (or one) in one compiled
+op; and an FFCV evaluation loader.
 
     data.backend=ffcv   (pip install '.[ffcv]': ffcv 1.0.2 builds against libturbojpeg and OpenCV)
 
@@ -13,17 +14,27 @@ Reading (``FfcvTrainLoader``): an FFCV Loader whose image pipeline is one operat
 raw pixels), then for each of the two views crops and resizes (FFCV's OpenCV resize_crop), applies
 colour jitter + grayscale as one affine map and the Gaussian blur (kernels/color.py), solarize and
 flip, all compiled by FFCV's numba pipeline and run in its threads. FFCV-SSL instead decodes the JPEG
-once per view. View parameters come from kernels/views.py keyed by (seed, epoch, index, view), the
-same draws as the DALI backend; the epoch reaches the compiled code through a one-element array the
-loader updates (kernels.views.read_cell). ContrastiveCrop (mixmask/crops.py; Peng et al., CVPR 2022):
-with a box table and aug.crop_alpha > 0 the decoder reads the table's active flag and each image's box
-(by the sample's folder index, the .beton's index field) through their addresses at run time
+once per view. View parameters come from kernels/views.py keyed by (seed, epoch, index, view), index
+the sample's folder position (the .beton's index field), the same draws as the DALI and torchvision
+backends; the epoch reaches the compiled code through a one-element array the loader updates
+(kernels.views.read_cell). views=1 (supervised fine-tuning, augmented linear probes): the decoder
+makes view 0 only (the same pixels as view 0 of views=2) and the stage gets v2=None.
+ContrastiveCrop (mixmask/crops.py; Peng et al., CVPR 2022): with a box table and aug.crop_alpha > 0
+the decoder reads the table's active flag and each image's box (by the sample's folder position)
+through their addresses at run time
 (kernels.views.read_cell / read_boxes), so the compiled pipeline follows in-place table updates.
 The order is this rank's shard of the per-epoch permutation (loaders/sharding.py), so every backend
-visits the same samples; FFCV's QUASI_RANDOM order (one process only) is the alternative for
-datasets larger than the page cache (os_cache=False).
-The (N, 2, S, S, 3) uint8 views are copied out of FFCV's reused buffers before the device stage
+visits the same samples; ``indices`` (folder positions, a label subset) restricts it to those samples,
+mapped to .beton samples through the index field (a position the .beton lacks, e.g. skipped as
+unreadable when it was written, is an error). FFCV's QUASI_RANDOM order (one process only) is the
+alternative for datasets larger than the page cache (os_cache=False).
+The (N, views, S, S, 3) uint8 views are copied out of FFCV's reused buffers before the device stage
 (mixmask/mixing/stage.MixStage: normalise, layout, MixMask with our kernels).
+
+Evaluation (``FfcvEvalLoader``, the interface of TorchvisionEvalLoader): <beton_dir>/<split>.beton
+read with FFCV's CenterCropRGBImageDecoder at ratio size / resize (the centre square of side
+int(min(H, W) * size / resize) resized to size x size: the shorter side resized to ``resize`` then
+centre-cropped), this rank's padded shard in order, drop_last=False; callers drop repeats by index.
 """
 
 from __future__ import annotations
@@ -34,7 +45,8 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,7 +56,7 @@ import torch
 
 from mixmask.mixing import MixStage
 from loaders.folder import DataError, index_split
-from loaders.sharding import batches_per_epoch, shard_indices
+from loaders.sharding import as_positions, batches_per_epoch, draw_from, shard_indices
 from loaders.torchvision_backend import AugParams, decode_image, unreadable_reason
 from mixmask.batch import Batch
 
@@ -157,21 +169,22 @@ def ensure_beton(root: Path, split: str, out_dir: Path, **kw) -> Path:
 # ---------------------------------------------------------------------------------------------
 # The two-view decoder
 
-def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, views: tuple[int, ...] = (0, 1),
-                 boxes: np.ndarray | None = None, active_cell: np.ndarray | None = None,
-                 positions: np.ndarray | None = None):
+def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, positions: np.ndarray,
+                 views: tuple[int, ...] = (0, 1), boxes: np.ndarray | None = None,
+                 active_cell: np.ndarray | None = None):
     """An FFCV decoder Operation (built lazily: ffcv is optional): decodes each image once and emits
-    the given views, (len(views), S, S, 3). views=(0, 1) is the decode-once two-view decoder; two
-    pipelines with views (0,) and (1,) over the same field decode twice (the FFCV-SSL way).
+    the given views, (len(views), S, S, 3). views=(0, 1) is the decode-once two-view decoder, (0,) the
+    one-view one; two pipelines with views (0,) and (1,) over the same field decode twice (the FFCV-SSL way).
 
-    ContrastiveCrop: boxes (n, 4) float32 C-contiguous (a BoxTable's .array), active_cell (1,) int64
-    (its active flag) and positions (n_samples,) int64 (sample -> box row, the folder index) are read
-    through their addresses at run time: the caller keeps them alive and updates them only in place.
-    None: whole images, plain RandomResizedCrop."""
+    positions (n_samples,) int64 C-contiguous: sample -> folder position (the index field), which keys
+    the views and picks the box row. ContrastiveCrop: boxes (n, 4) float32 C-contiguous (a BoxTable's
+    .array) and active_cell (1,) int64 (its active flag). All three are read through their addresses at
+    run time: the caller keeps them alive and updates them only in place. boxes None: whole images,
+    plain RandomResizedCrop."""
     views_arr = np.asarray(views, np.int64)
     if boxes is None:
         boxes = np.array([[0, 0, 1, 1]], np.float32)  # (1, 4) never read: the flag below stays 0
-        active_cell, positions = np.zeros(1, np.int64), np.zeros(1, np.int64)
+        active_cell = np.zeros(1, np.int64)
     for name, a, dt in (("boxes", boxes, np.float32), ("active_cell", active_cell, np.int64),
                         ("positions", positions, np.int64)):
         if a is None or a.dtype != dt or not a.flags.c_contiguous:
@@ -230,6 +243,7 @@ def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, views: tuple
                 pos = read_int64(pos_addr, n_pos)  # (n_samples,) int64
                 for k in my_range(len(batch_indices)):
                     i = batch_indices[k]
+                    key = np.int64(pos[i])  # the folder position keys the draws
                     field = metadata[i]
                     data = mem_read(field["data_ptr"], storage_state)
                     H, W = field["height"], field["width"]
@@ -241,8 +255,8 @@ def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, views: tuple
                         img = data.reshape(H, W, 3)
                     for slot in range(views_arr.shape[0]):
                         y0, x0, h, w, fl, jon, jt, gr, bon, sg, sol = draw_one(
-                            seed_u, epoch, views_arr[slot], np.int64(i), np.int64(W), np.int64(H), scale, ratio,
-                            probs, jit_s, sig_r, table[pos[i] if on else 0], a_now)
+                            seed_u, epoch, views_arr[slot], key, np.int64(W), np.int64(H), scale, ratio,
+                            probs, jit_s, sig_r, table[key if on else 0], a_now)
                         out = dest[k, slot]
                         resize_crop_c(img, y0, y0 + h, x0, x0 + w, out)
                         if jon or gr:
@@ -278,25 +292,45 @@ def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, views: tuple
     return TwoViewDecoder()
 
 
-def _shard_order(n_batches_skip: int, rank: int, world: int, batch: int, seed: int):
-    """A TraversalOrder over this rank's shard of the per-epoch permutation (loaders/sharding.py).
+def _traversal(sample_order: Callable[[np.ndarray, int], np.ndarray]):
+    """A TraversalOrder whose order of an epoch is sample_order(loader.indices, epoch) (.beton sample ids).
     ffcv 1.0.2 calls a TraversalOrder *instance* with the loader, so the instance returns itself."""
     from ffcv.traversal_order.base import TraversalOrder
 
-    class ShardOrder(TraversalOrder):
+    class Order(TraversalOrder):
         def __init__(self):  # noqa: D401 - set up by __call__
-            self.skip = n_batches_skip
+            pass
 
         def __call__(self, loader):
             self.loader, self.indices = loader, loader.indices
             return self
 
         def sample_order(self, epoch: int):
-            order = shard_indices(len(self.indices), rank, world, batch, seed=seed, epoch=epoch, shuffle=True,
-                                  drop_last=True)
-            return self.indices[order[self.skip * batch:]]
+            return sample_order(self.indices, epoch)
 
-    return ShardOrder()
+    return Order()
+
+
+def _positions(reader) -> np.ndarray:
+    """The index field: each .beton sample's folder position.  -> (n_samples,) int64 C-contiguous"""
+    return np.ascontiguousarray(np.asarray(reader.metadata["f2"]), np.int64)
+
+
+def beton_ids(positions: np.ndarray, wanted, beton: str) -> np.ndarray:
+    """The .beton samples holding the folder positions `wanted` (positions: the index field).  -> (m,) int64
+    DataError naming the positions the .beton lacks (skipped as unreadable when it was written)."""
+    wanted = as_positions(wanted)
+    lookup = np.full(int(positions.max(initial=-1)) + 1, -1, np.int64)  # folder position -> sample, or -1
+    lookup[positions] = np.arange(len(positions))
+    inside = (wanted >= 0) & (wanted < len(lookup))
+    ids = np.full(len(wanted), -1, np.int64)
+    ids[inside] = lookup[wanted[inside]]
+    missing = wanted[ids < 0]
+    if len(missing):
+        raise DataError(f"{beton} has no sample at folder positions {missing[:8].tolist()}"
+                        f"{' ...' if len(missing) > 8 else ''} ({len(missing)} of {len(wanted)} asked for): "
+                        "skipped as unreadable when it was written, or another split")
+    return ids
 
 
 class FfcvTrainLoader:
@@ -304,15 +338,19 @@ class FfcvTrainLoader:
 
     boxes: a ContrastiveCrop BoxTable (mixmask/crops.py) with a row per image of the split's folder
     index (the .beton's index field), None = whole images; the compiled decoder reads it at run time.
+    views: 2, or 1 (view 0 only, x2 None). indices: (m,) folder positions to draw from (a label subset),
+    None = every sample of the .beton; Batch.index holds folder positions either way.
     """
 
     def __init__(self, beton: str | Path, aug: AugParams, stage: MixStage, batch_size: int, rank: int = 0,
                  world: int = 1, workers: int = 2, seed: int = 0, device: str | torch.device = "cpu",
                  os_cache: bool = True, order: str = "random", batches_ahead: int = 3, decode_once: bool = True,
-                 boxes: BoxTable | None = None):
+                 boxes: BoxTable | None = None, views: int = 2, indices: np.ndarray | None = None):
         require_ffcv()
         from ffcv.reader import Reader
 
+        if views not in (1, 2):
+            raise ValueError(f"views must be 1 or 2, got {views}")
         if order not in ("random", "quasi_random"):
             raise DataError(f"ffcv order must be 'random' or 'quasi_random', got {order!r}")
         if order == "quasi_random" and world > 1:
@@ -320,16 +358,17 @@ class FfcvTrainLoader:
         self.beton, self.aug, self.stage, self.batch_size = str(beton), aug, stage, batch_size
         self.rank, self.world, self.workers, self.seed = rank, world, workers, seed
         self.device, self.os_cache, self.order, self.batches_ahead = torch.device(device), os_cache, order, batches_ahead
-        self.decode_once = decode_once  # False: one decode per view, the FFCV-SSL way (for comparison)
-        reader = Reader(self.beton)
-        self.n = reader.num_samples
+        self.decode_once, self.views = decode_once, views  # decode_once False: one decode per view (FFCV-SSL)
+        self.positions = _positions(Reader(self.beton))  # (n_samples,) sample -> folder position
+        ids = None if indices is None else beton_ids(self.positions, indices, self.beton)
+        self.ids = draw_from(ids, len(self.positions), world, batch_size)  # (m,) the .beton samples drawn from
+        self.n = len(self.ids)
         self.boxes = boxes
         self._box_args = {}
         if boxes is not None:
-            positions = np.ascontiguousarray(np.asarray(reader.metadata["f2"]), np.int64)  # sample -> folder index
-            if len(positions) and positions.max() >= len(boxes):
-                raise ValueError(f"box table of {len(boxes)} rows for folder indices up to {positions.max()}")
-            self._box_args = dict(boxes=boxes.array, active_cell=boxes.active_cell, positions=positions)
+            if len(self.positions) and self.positions.max() >= len(boxes):
+                raise ValueError(f"box table of {len(boxes)} rows for folder indices up to {self.positions.max()}")
+            self._box_args = dict(boxes=boxes.array, active_cell=boxes.active_cell)
         self.epoch_cell = np.zeros(1, np.int64)  # read by the compiled decoder (kernels.views.read_cell)
         self.epoch, self.start_batch = 0, 0
         self.bad_files: set[str] = set()  # bad files were dropped when the .beton was written
@@ -351,19 +390,20 @@ class FfcvTrainLoader:
         from ffcv.loader import Loader, OrderOption
         from ffcv.pipeline.pipeline_spec import PipelineSpec
 
-        order = (OrderOption.QUASI_RANDOM if self.order == "quasi_random"
-                 else _shard_order(skip, self.rank, self.world, self.batch_size, self.seed))
-        bx = self._box_args
-        if self.decode_once:
-            pipelines = {"image": [view_decoder(self.aug, self.seed, self.epoch_cell, **bx)]}
+        r, w, b, seed = self.rank, self.world, self.batch_size, self.seed
+        order = (OrderOption.QUASI_RANDOM if self.order == "quasi_random" else _traversal(
+            lambda ids, epoch: ids[shard_indices(len(ids), r, w, b, seed=seed, epoch=epoch, shuffle=True,
+                                                 drop_last=True)[skip * b:]]))
+        decoder = lambda views: view_decoder(self.aug, seed, self.epoch_cell, self.positions, views,  # noqa: E731
+                                             **self._box_args)
+        if self.decode_once or self.views == 1:
+            pipelines = {"image": [decoder(tuple(range(self.views)))]}
         else:  # two pipelines over the same field: FFCV decodes the JPEG once per pipeline
-            second = view_decoder(self.aug, self.seed, self.epoch_cell, (1,), **bx)
-            pipelines = {"image": [view_decoder(self.aug, self.seed, self.epoch_cell, (0,), **bx)],
-                         "image2": PipelineSpec("image", decoder=second)}
+            pipelines = {"image": [decoder((0,))], "image2": PipelineSpec("image", decoder=decoder((1,)))}
         pipelines.update(label=[IntDecoder()], index=[IntDecoder()])
-        return Loader(self.beton, batch_size=self.batch_size, num_workers=max(1, self.workers),
-                      os_cache=self.os_cache, order=order, seed=self.seed, pipelines=pipelines,
-                      drop_last=True, batches_ahead=self.batches_ahead)
+        return Loader(self.beton, batch_size=b, num_workers=max(1, self.workers), os_cache=self.os_cache,
+                      order=order, seed=seed, pipelines=pipelines, drop_last=True, batches_ahead=self.batches_ahead,
+                      indices=self.ids.astype(np.uint64))  # FFCV's own index dtype
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, step = self.epoch, self.start_batch
@@ -371,41 +411,116 @@ class FfcvTrainLoader:
         fresh = self._loader is None or skip != self._skip
         if fresh:
             self._loader, self._skip = self._make(skip), skip
-            log.info("ffcv: compiling the two-view pipeline (during the first batch)")
+            log.info("ffcv: compiling the view pipeline (during the first batch)")
         self._loader.next_epoch = epoch
         self.epoch_cell[0] = epoch
-        it = iter(self._loader)  # FFCV's EpochIterator: a thread filling a queue
         t0 = time.perf_counter()
-        try:
-            while True:
-                try:
-                    item = it.output_queue.get(timeout=0.5)
-                except queue.Empty:
-                    if not it.is_alive():  # the thread died: FFCV would wait forever
-                        err = _THREAD_ERRORS.pop(id(it), None)
-                        raise DataError(f"FFCV pipeline failed in epoch {epoch} near batch {step} ({self.beton}): "
-                                        f"{type(err).__name__ if err else 'thread ended'}: {err}") from err
-                    continue
-                if item is None:
-                    break
-                slot, out = item
-                out = dict(zip(self._loader.pipeline_specs, out))  # outputs by pipeline name
-                labels, idx = out["label"], out["index"]
-                if it.loader is not None and torch.cuda.is_available():
-                    it.current_stream.wait_stream(it.cuda_streams[slot])
+        with closing(_batches(self._loader, lambda: f"epoch {epoch} near batch {step} ({self.beton})")) as batches:
+            for out in batches:
                 if fresh:
                     log.info("ffcv: first batch after %.1f s (pipeline compilation included)", time.perf_counter() - t0)
                     fresh = False
-                # (N, 2, S, S, 3) in FFCV's reused buffer -> owned (N, S, S, 3) copies on the device
-                views = out["image"]  # (N, 2, S, S, 3), or (N, 1, S, S, 3) and image2 when decoding twice
-                a, b = (views[:, 0], views[:, 1]) if self.decode_once else (views[:, 0], out["image2"][:, 0])
-                x1 = torch.from_numpy(a).to(self.device, copy=True).contiguous()
-                x2 = torch.from_numpy(b).to(self.device, copy=True).contiguous()
-                lab = torch.from_numpy(labels.reshape(-1).astype(np.int64)).to(self.device)
-                yield self.stage(x1, x2, lab, torch.from_numpy(idx.reshape(-1).astype(np.int64)), epoch, step)
+                # (N, views, S, S, 3) in FFCV's reused buffer -> owned (N, S, S, 3) copies on the device
+                views = out["image"]  # (N, 2, S, S, 3); (N, 1, S, S, 3) with views=1 or beside image2 (decode twice)
+                second = None if self.views == 1 else views[:, 1] if self.decode_once else out["image2"][:, 0]
+                x1 = _owned(views[:, 0], self.device)
+                x2 = None if second is None else _owned(second, self.device)
+                lab = torch.from_numpy(out["label"].reshape(-1).astype(np.int64)).to(self.device)
+                yield self.stage(x1, x2, lab, torch.from_numpy(out["index"].reshape(-1).astype(np.int64)), epoch, step)
                 step += 1
-        finally:
-            it.close()
+
+
+def _owned(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A view into FFCV's reused buffer -> a contiguous copy the loader owns, on `device`."""
+    return torch.from_numpy(a).to(device, copy=True).contiguous()
+
+
+def _batches(loader, where: Callable[[], str]) -> Iterator[dict[str, np.ndarray]]:
+    """One pass of an FFCV Loader: each batch's outputs by pipeline name (views into FFCV's reused
+    buffers). A pipeline thread that dies raises DataError here (FFCV would wait forever); where()
+    names the position for the message."""
+    it = iter(loader)  # FFCV's EpochIterator: a thread filling a queue
+    try:
+        while True:
+            try:
+                item = it.output_queue.get(timeout=0.5)
+            except queue.Empty:
+                if not it.is_alive():  # the thread died
+                    err = _THREAD_ERRORS.pop(id(it), None)
+                    raise DataError(f"FFCV pipeline failed in {where()}: "
+                                    f"{type(err).__name__ if err else 'thread ended'}: {err}") from err
+                continue
+            if item is None:
+                break
+            slot, out = item
+            if it.loader is not None and torch.cuda.is_available():
+                it.current_stream.wait_stream(it.cuda_streams[slot])
+            yield dict(zip(loader.pipeline_specs, out))
+    finally:
+        it.close()
+
+
+class FfcvEvalLoader:
+    """Iterable of (x, labels, index) for kNN banks and linear probes (the interface of
+    TorchvisionEvalLoader): x (n, 3, S, S) = stage.normalize of the centre crop, labels (n,) int64 on the
+    device, index (n,) int64 folder positions (the index field) on the host. This rank's padded shard of
+    the .beton in order (callers drop repeated indices). resize: the shorter side the centre crop is
+    taken from (0: round(size * 8/7), as eval_transform); classes: the split's class names (None: "0".."k-1"
+    up to the largest label)."""
+
+    def __init__(self, beton: str | Path, size: int, resize: int, stage: MixStage, batch_size: int, rank: int = 0,
+                 world: int = 1, workers: int = 2, device: str | torch.device = "cpu",
+                 classes: tuple[str, ...] | None = None, os_cache: bool = True, batches_ahead: int = 2):
+        require_ffcv()
+        from ffcv.reader import Reader
+
+        reader = Reader(str(beton))
+        self.beton, self.size, self.resize = str(beton), size, resize or round(size * 8 / 7)
+        self.stage, self.batch_size, self.device = stage, batch_size, torch.device(device)
+        self.rank, self.world, self.workers = rank, world, workers
+        self.os_cache, self.batches_ahead = os_cache, batches_ahead
+        labels = np.asarray(reader.metadata["f1"]).astype(np.int64)
+        self.classes = tuple(classes) if classes is not None else tuple(str(c) for c in range(labels.max() + 1))
+        self.n = int(reader.num_samples)
+        self.epoch = 0
+        self.bad_files: set[str] = set()  # bad files were dropped when the .beton was written
+        self._loader = None
+        _install_thread_hook()
+        _install_unraisable_filter()
+
+    def __len__(self) -> int:
+        per_rank = -(-self.n // self.world)  # padded shard
+        return -(-per_rank // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch  # the order does not depend on it
+
+    def close(self) -> None:
+        self._loader = None
+
+    def _make(self):
+        from ffcv.fields.decoders import IntDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+        from ffcv.loader import Loader
+
+        r, w, b = self.rank, self.world, self.batch_size
+        order = _traversal(lambda ids, epoch: ids[shard_indices(len(ids), r, w, b, seed=0, epoch=0, shuffle=False,
+                                                                 drop_last=False)])
+        pipelines = {"image": [CenterCropRGBImageDecoder((self.size, self.size), ratio=self.size / self.resize)],
+                     "label": [IntDecoder()], "index": [IntDecoder()]}
+        return Loader(self.beton, batch_size=b, num_workers=max(1, self.workers), os_cache=self.os_cache,
+                      order=order, pipelines=pipelines, drop_last=False, batches_ahead=self.batches_ahead)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if self._loader is None:
+            self._loader = self._make()
+        step = 0
+        with closing(_batches(self._loader, lambda: f"evaluation batch {step} ({self.beton})")) as batches:
+            for out in batches:
+                v = _owned(out["image"], self.device)  # (n, S, S, 3) uint8
+                labels = torch.from_numpy(out["label"].reshape(-1).astype(np.int64)).to(self.device)
+                yield self.stage.normalize(v), labels, torch.from_numpy(out["index"].reshape(-1).astype(np.int64))
+                step += 1
 
 
 _THREAD_ERRORS: dict[int, BaseException] = {}

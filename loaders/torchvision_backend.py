@@ -1,13 +1,18 @@
-"""The torchvision baseline backend: PIL decode once, two MoCo v2 views, DataLoader workers.
+"""The torchvision baseline backend: PIL decode once, two MoCo v2 views (or one), DataLoader workers.
 
-Per image (in a worker): decode once with PIL, then twice RandomResizedCrop -> colour jitter (p) ->
+Per image (in a worker): decode once with PIL, then per view RandomResizedCrop -> colour jitter (p) ->
 grayscale (p) -> Gaussian blur (p) -> solarize (p) -> flip, as uint8 HWC. The crop window comes from
 kernels/views.py (torchvision's RandomResizedCrop rule, keyed by (seed, epoch, index, view): the same
 windows as the DALI and FFCV backends), resized bilinearly as RandomResizedCrop does; with an active
 ContrastiveCrop box table (mixmask/crops.py; Peng et al., CVPR 2022) and aug.crop_alpha > 0 the
 window's offset is Beta(alpha, alpha) around the image's box. The table is shared memory, read at
 each sample, so persistent workers see its updates. The batch ships to the device as uint8 NHWC;
-normalisation, layout and MixMask happen there (mixmask/mixing/stage.py).
+normalisation, layout and MixMask happen there (mixmask/mixing/stage.py). views=1 makes view 0 only
+(the same pixels as view 0 of views=2) and calls the stage with v2=None; ``indices`` restricts
+training to those positions of the split (a label subset, loaders/sharding.draw_from).
+
+Evaluation (TorchvisionEvalLoader): one transform (eval_transform: resize the shorter side, centre
+crop), the split sharded with padding; callers drop repeated indices.
 
 Randomness: each sample's crop is keyed by (seed, epoch, index, view) and its other augmentations
 (torch RNG) are seeded by (seed, epoch, index), so a run is reproducible for any worker count and
@@ -34,7 +39,7 @@ from torchvision.transforms import functional as TF
 from kernels.views import draw_one
 from mixmask.mixing import MixStage
 from loaders.folder import DataError, FolderIndex
-from loaders.sharding import batches_per_epoch, shard_indices
+from loaders.sharding import batches_per_epoch, draw_from, shard_indices
 from mixmask.batch import Batch
 
 if TYPE_CHECKING:
@@ -189,14 +194,17 @@ class _ImageDataset(Dataset):
 
 
 class _ShardSampler(Sampler):
-    """Yields (index, epoch) keys of this rank's shard, from batch ``start_batch`` on."""
+    """Yields (index, epoch) keys of this rank's shard, from batch ``start_batch`` on; with ``indices``
+    (m,) the shard of m positions is mapped through them (folder indices of a subset)."""
 
-    def __init__(self, n, rank, world, batch, seed, shuffle, drop_last):
+    def __init__(self, n, rank, world, batch, seed, shuffle, drop_last, indices: np.ndarray | None = None):
         self.args = dict(n=n, rank=rank, world=world, batch=batch, seed=seed, shuffle=shuffle, drop_last=drop_last)
-        self.batch, self.epoch, self.start = batch, 0, 0
+        self.batch, self.epoch, self.start, self.indices = batch, 0, 0, indices
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         idx = shard_indices(epoch=self.epoch, **self.args)[self.start * self.batch :]
+        if self.indices is not None:
+            idx = self.indices[idx]
         return iter([(int(i), self.epoch) for i in idx])
 
     def __len__(self) -> int:
@@ -246,10 +254,13 @@ class _Base:
 
 
 class TorchvisionTrainLoader(_Base):
-    """Iterable of Batch for training: two views per image, MixMask applied on the device.
+    """Iterable of Batch for training: two views per image (views=1: view 0 only, x2 None), MixMask
+    applied on the device.
 
     boxes: a ContrastiveCrop BoxTable (mixmask/crops.py) of len(index) rows in shared memory, created
     before this loader (its workers inherit it); None = whole images (plain RandomResizedCrop).
+    indices: (m,) positions of ``index`` to draw from (a label subset), None = all; Batch.index holds
+    folder positions either way.
     """
 
     def __init__(
@@ -265,15 +276,21 @@ class TorchvisionTrainLoader(_Base):
         seed: int = 0,
         device: str | torch.device = "cpu",
         boxes: BoxTable | None = None,
+        views: int = 2,
+        indices: np.ndarray | None = None,
     ):
-        self.n = len(index)
-        if boxes is not None and len(boxes) < self.n:
-            raise ValueError(f"box table of {len(boxes)} rows for {self.n} images")
+        if views not in (1, 2):
+            raise ValueError(f"views must be 1 or 2, got {views}")
+        if boxes is not None and len(boxes) < len(index):
+            raise ValueError(f"box table of {len(boxes)} rows for {len(index)} images")
+        self.indices = draw_from(indices, len(index), world, batch_size)  # (m,) folder positions
+        self.n = len(self.indices)
         self.world, self.batch_size, self.stage, self.boxes = world, batch_size, stage, boxes
         self.start_batch = 0
-        views = [KeyedView(aug, 0, seed, boxes), KeyedView(aug, 1, seed, boxes)]
-        sampler = _ShardSampler(self.n, rank, world, batch_size, seed, shuffle=True, drop_last=True)
-        super().__init__(_ImageDataset(index, views, seed, keyed=True), sampler, batch_size, workers, prefetch, True,
+        keyed = [KeyedView(aug, v, seed, boxes) for v in range(views)]
+        sampler = _ShardSampler(self.n, rank, world, batch_size, seed, shuffle=True, drop_last=True,
+                                indices=None if indices is None else self.indices)
+        super().__init__(_ImageDataset(index, keyed, seed, keyed=True), sampler, batch_size, workers, prefetch, True,
                          device)
 
     def __len__(self) -> int:
@@ -286,9 +303,10 @@ class TorchvisionTrainLoader(_Base):
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, step = self.sampler.epoch, self.start_batch
-        for v1, v2, labels, idx, bad in self.loader:
+        for *views, labels, idx, bad in self.loader:  # views: one or two (N, S, S, 3) uint8
             self._note_bad(bad)
-            yield self.stage(self._to_device(v1), self._to_device(v2), self._to_device(labels), idx, epoch, step)
+            v1, v2 = [self._to_device(v) for v in views] if len(views) == 2 else (self._to_device(views[0]), None)
+            yield self.stage(v1, v2, self._to_device(labels), idx, epoch, step)
             step += 1
 
 

@@ -40,7 +40,8 @@ class Mixed:
 class Batch:
     """One per-process training batch, already on the training device.
 
-    x1, x2:  (N, 3, H, W) the two views, normalised, training dtype, channels_last memory.
+    x1, x2:  (N, 3, H, W) the two views, normalised, training dtype, channels_last memory; x2 is None
+             from one-view loaders (views=1: supervised fine-tuning and augmented linear probes).
     labels:  (N,) int64, for monitors only (never used by the SSL loss).
     index:   (N,) int64 dataset indices of the samples (for exactness tests and debugging).
     mixes:   the mixed views (empty = masking off): see Mixed.
@@ -50,7 +51,7 @@ class Batch:
     """
 
     x1: torch.Tensor
-    x2: torch.Tensor
+    x2: torch.Tensor | None
     labels: torch.Tensor
     index: torch.Tensor | None = None
     mixes: tuple[Mixed, ...] = ()

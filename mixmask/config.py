@@ -25,6 +25,7 @@ from mixmask.frameworks.cmae import CMAEConfig
 from mixmask.frameworks.moco_v2 import MoCoV2Config
 from mixmask.frameworks.simclr import SimCLRConfig
 from mixmask.frameworks.simsiam import SimSiamConfig
+from mixmask.frameworks.supervised import FinetuneConfig
 from mixmask.mixing import MIXERS
 from mixmask.models import is_vit
 from mixmask.mixing.mscn import MSCNConfig
@@ -119,6 +120,7 @@ class RunConfig:
     knn_k: int = 200  # kNN monitor neighbours
     knn_t: float = 0.1  # kNN monitor temperature
     progress: bool = True  # progress bar on the main process
+    show_every: int = 500  # batches between grids of the training batch in TensorBoard (0 = none)
 
 
 @dataclass
@@ -153,6 +155,8 @@ class Config:
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     # ContrastiveCrop (mixmask/crops.py): the input pipeline's crops follow the model's boxes, any framework
     ccrop: ContrastiveCropConfig = field(default_factory=ContrastiveCropConfig)
+    # `train.py finetune` / `semisup`: supervised fine-tuning of a pretrained backbone (frameworks/supervised.py)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @property
     def framework(self) -> Any:
@@ -319,6 +323,7 @@ def validate(cfg: Config, keys: set[str] = frozenset()) -> None:
         (cfg.run.checkpoint_every >= 0, "run.checkpoint_every must be >= 0"),
         (cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints must be >= 1"),
         (cfg.eval.epochs >= 1, "eval.epochs must be >= 1"),
+        *((False, f"finetune.{problem}") for problem in cfg.finetune.problems()),
     ]
     for ok, message in checks:
         if not ok:

@@ -192,7 +192,7 @@ def fit(
         accelerator.log(values, step=state.step)
         if accelerator.is_main_process:
             with (run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps({"step": state.step, "epoch": state.epoch, **values}) + "\n")
+                f.write(json.dumps({"step": state.step, "epoch": state.epoch, "time": time.time(), **values}) + "\n")
 
     def checkpoint() -> None:
         save_checkpoint(accelerator, run_dir, state.step, config, keep_checkpoints)

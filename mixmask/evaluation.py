@@ -1,4 +1,4 @@
-"""Evaluation of frozen features: the kNN monitor and the linear probe.
+"""Evaluation: the kNN monitor and the linear probe on frozen features, and a classifier's top-1.
 
 kNN (Wu et al. 2018, as in the MoCo/InstDisc monitors): features f are L2-normalised; for a query,
 the k most cosine-similar bank features vote for their labels with weight exp(s / T); top-1 of the
@@ -6,7 +6,8 @@ summed votes. Linear probe (MoCo v2 protocol, docs/methods.md §6): a linear cla
 backbone features, SGD with momentum 0.9, step decay x0.1 at the milestones, cross-entropy.
 
 Loaders are iterables of (x, labels, index); with several processes each rank sees a shard padded to
-equal length, ``gather`` concatenates tensors across ranks, and repeated indices are dropped.
+equal length, ``gather`` concatenates tensors across ranks, and repeated indices are dropped. A training
+loader of Batch becomes one with ``FirstView`` (the augmented linear probe).
 """
 
 from __future__ import annotations
@@ -23,6 +24,23 @@ Gather = Callable[[torch.Tensor], torch.Tensor]
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+class FirstView:
+    """A loader of Batch (one-view mode) as an iterable of (x1, labels, index); set_epoch starts an epoch."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch, 0)
+
+    def __iter__(self):
+        for b in self.loader:
+            yield b.x1, b.labels, b.index
 
 
 @torch.no_grad()
@@ -142,3 +160,15 @@ def linear_probe(
     with torch.no_grad():
         top1 = 100.0 * (head(val_feats).argmax(1) == val_labels).float().mean().item()
     return {"top1": top1, "train_top1": 100.0 * correct / max(total, 1)}
+
+
+@torch.no_grad()
+def top1_accuracy(
+    logits: Callable[[torch.Tensor], torch.Tensor],
+    loader: Iterable,
+    gather: Gather = _identity,
+    progress: bool = False,
+) -> float:
+    """Top-1 (%) of a classifier over every sample of ``loader`` (each counted once)."""
+    scores, labels = extract_features(logits, loader, gather, "val top-1", progress)  # (n, classes), (n,)
+    return 100.0 * (scores.argmax(1) == labels).float().mean().item()

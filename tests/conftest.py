@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny demo dataset and the gpu marker (skipped, with the reason, without a GPU)."""
+"""Shared fixtures: a tiny demo dataset (its .beton files, a label subset of it) and the gpu marker
+(skipped, with the reason, without a GPU)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,26 @@ def tiny_data(tmp_path_factory) -> Path:
     from loaders.demo import ensure_demo_dataset
 
     return ensure_demo_dataset(tmp_path_factory.mktemp("data") / "tiny", n_train_per_class=8, n_val_per_class=4, size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_betons(tiny_data, tmp_path_factory) -> Path:
+    """<dir>/train.beton and <dir>/val.beton of tiny_data (write_beton's default jpg mode), written once per session."""
+    pytest.importorskip("ffcv", reason="FFCV not installed (pip install '.[ffcv]')")
+    from loaders.ffcv_backend import write_beton
+
+    out = tmp_path_factory.mktemp("betons")
+    for split in ("train", "val"):
+        write_beton(tiny_data, split, out / f"{split}.beton", workers=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def label_subset():
+    """33 distinct positions of tiny_data's 80 train images, unsorted and not a prefix: a label subset."""
+    import numpy as np
+
+    return np.array(list(range(0, 80, 3)) + [79, 1, 41, 43, 44, 46])
 
 
 GRADIENT_SIZE = (80, 60)  # (W, H) of the gradient_data images

@@ -8,7 +8,8 @@ Random draws are keyed by (seed, epoch, batch_index = step * world + rank, sampl
 Philox streams), so a run is reproducible, resumes exactly, and every route trains on the same masks.
 The route only picks who does the work: "auto"/"numba" our Numba kernels (CPU, or CUDA on a GPU),
 "torch" the plain-numpy references of the samplers and float kernels with torch's normalise/select
-(mixmask/fused.py). mixer=None: no mixing, the two normalised views only.
+(mixmask/fused.py). mixer=None: no mixing, the two normalised views only. One-view loaders (supervised
+fine-tuning, augmented linear probes) pass v2=None: x1 normalised, x2 None (no mixer, no tokens).
 
 tokens: a TokenMasking (masked image modelling, CMAE) adds ``batch.keep``, the kept patches of x1 per
 sample, drawn on the host from the same keys (kernels/tokens.py) and moved to the device.
@@ -66,12 +67,16 @@ class MixStage:
     def __call__(
         self,
         v1: torch.Tensor,  # (N, H, W, 3) uint8 on the device
-        v2: torch.Tensor,  # (N, H, W, 3) uint8 on the device
+        v2: torch.Tensor | None,  # (N, H, W, 3) uint8 on the device; None from a one-view loader
         labels: torch.Tensor,  # (N,)
         index: torch.Tensor | None,  # (N,)
         epoch: int,
         step: int,
     ) -> Batch:
+        if v2 is None:
+            if self.mixer is not None or self.tokens is not None:
+                raise ValueError("a one-view batch (v2=None) takes no mixer and no token masking")
+            return Batch(self.px.normalize(v1), None, labels, index)
         keys = self.keys(epoch, step)
         if self.mixer is None:
             x1, x2, _ = self.px.mix(v1, v2, None, None)

@@ -1,5 +1,6 @@
-"""The DALI backend on the CPU (device_id=None): batches, sharding, determinism, resume, MixMask,
-bad input, the pre-flight check, and statistical equivalence with the torchvision baseline."""
+"""The DALI backend on the CPU (device_id=None): batches, sharding, determinism, resume, MixMask, one-view
+loaders, label subsets, bad input, the pre-flight check, and statistical equivalence with the torchvision
+baseline (the evaluation loader: test_eval_loaders.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from PIL import Image
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip install '.[dali]')")
 pytestmark = pytest.mark.dali
 
-from loaders.dali_backend import DaliTrainLoader, _two_view_pipeline, _VIEW_INPUTS, find_undecodable, header_size  # noqa: E402,E501
+from loaders.dali_backend import DaliTrainLoader, _train_pipeline, _VIEW_INPUTS, find_undecodable, header_size  # noqa: E402,E501
 from mixmask.mixing import MixMask, MixStage  # noqa: E402
 from loaders.folder import index_split  # noqa: E402
 from loaders.torchvision_backend import AugParams, TorchvisionTrainLoader  # noqa: E402
@@ -101,6 +102,29 @@ def test_pipeline_reused_across_epochs_and_rebuilt_after_a_break(tiny_data):
             assert torch.equal(x.index, y.index) and torch.equal(x.x1, y.x1) and torch.equal(x.mixed, y.mixed)
 
 
+def test_one_view_is_view_0_of_two(tiny_data):
+    """views=1: the pipeline makes view 0 only, equal bit for bit to x1 of views=2; x2 is None."""
+    one = take(DaliTrainLoader(index_split(tiny_data, "train"), AugParams(32), stage(False), 16, threads=1, seed=4,
+                               views=1), epoch=1)
+    two = take(loader(tiny_data, seed=4, st=stage(False)), epoch=1)
+    assert len(one) == len(two) == 5
+    for a, b in zip(one, two):
+        assert a.x2 is None and torch.equal(a.index, b.index) and torch.equal(a.x1, b.x1)
+
+
+def test_label_subset_same_samples_as_torchvision(tiny_data, label_subset):
+    """indices: Batch.index are folder positions of the subset, each at most once, batch for batch the
+    torchvision backend's (the same seed and epoch)."""
+    index, subset = index_split(tiny_data, "train"), label_subset
+    d = take(DaliTrainLoader(index, AugParams(16), stage(False), 8, threads=1, seed=2, views=1, indices=subset), 3)
+    t = take(TorchvisionTrainLoader(index, AugParams(16), stage(False), 8, workers=0, seed=2, views=1,
+                                    indices=subset), 3)
+    got = torch.cat([b.index for b in d]).tolist()
+    assert len(d) == 4 and len(set(got)) == 32 and set(got) <= set(subset.tolist())
+    assert [b.index.tolist() for b in d] == [b.index.tolist() for b in t]
+    assert all(b.labels.tolist() == [index.labels[i] for i in b.index.tolist()] for b in d)
+
+
 def test_mixmask_pixels_from_the_right_source(tiny_data):
     st = stage(per_sample=True)
     b = take(loader(tiny_data, st=st))[0]
@@ -127,7 +151,7 @@ def _fixed_view_pipeline(data, rois, flips):
                       "sigma": [np.ones(1, np.float32)] * n, "solarize": [np.int32(0)] * n}
             out += [params[k] for k in _VIEW_INPUTS]
         return out
-    p = _two_view_pipeline(src, 8, n, 1, None, 0, 1, 0.65)
+    p = _train_pipeline(src, 8, n, 1, None, 0, 1, 0.65)
     p.build()
     return [t.as_array() for t in p.run()]
 

@@ -1,6 +1,7 @@
 """The FFCV backend on the CPU: the .beton writer, the decode-once two-view loader (batches, sharding,
-determinism, resume, epochs), its agreement with the DALI views and the torchvision statistics, and
-errors from FFCV's compiled stages surfacing in the main thread."""
+determinism, resume, epochs, one view, label subsets), its agreement with the DALI views and the
+torchvision statistics, and errors from FFCV's compiled stages surfacing in the main thread (the
+evaluation loader: test_eval_loaders.py)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,8 @@ def stage(enabled=True, **kw):
 
 
 @pytest.fixture(scope="module")
-def beton(tiny_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("beton") / "train.beton"
-    write_beton(tiny_data, "train", out, workers=2, progress=False)
-    return out
+def beton(tiny_betons) -> Path:
+    return tiny_betons / "train.beton"
 
 
 def take(ld, epoch=0, start=0):
@@ -102,6 +101,10 @@ def test_writer_skips_and_reports_bad_files(tiny_data, tmp_path):
     f = write_beton(root, "val", tmp_path / "v.beton", progress=False)
     assert f["samples"] == 40 and len(f["skipped"]) == 2
     assert all(("broken.jpg" in s or "text.jpg" in s) for s in f["skipped"])
+    # a label subset naming a skipped file fails at construction, naming its folder position
+    broken = index_split(root, "val").paths.index(str(cls / "broken.jpg"))
+    with pytest.raises(DataError, match=rf"no sample at folder positions \[{broken}\]"):
+        FfcvTrainLoader(tmp_path / "v.beton", AugParams(32), stage(), 4, indices=[0, 1, 2, broken, 8, 9, 10, 11])
 
 
 def test_batches_labels_layout(beton, tiny_data):
@@ -116,6 +119,31 @@ def test_batches_labels_layout(beton, tiny_data):
         assert b.labels.tolist() == [index.labels[i] for i in b.index.tolist()]
     assert len(set(torch.cat([b.index for b in batches]).tolist())) == 80
     assert not torch.equal(batches[0].x1, batches[0].x2)
+
+
+def test_one_view_is_view_0_of_two(beton):
+    """views=1: the decoder makes view 0 only, equal bit for bit to x1 of views=2; x2 is None."""
+    one = take(FfcvTrainLoader(beton, AugParams(32), stage(False), 16, workers=2, seed=4, views=1), epoch=1)
+    two = take(FfcvTrainLoader(beton, AugParams(32), stage(False), 16, workers=2, seed=4), epoch=1)
+    assert len(one) == len(two) == 5
+    for a, b in zip(one, two):
+        assert a.x2 is None and torch.equal(a.index, b.index) and torch.equal(a.x1, b.x1)
+
+
+def test_label_subset_same_samples_as_torchvision(beton, tiny_data, label_subset):
+    """indices (folder positions, mapped to .beton samples by the index field): Batch.index are positions
+    of the subset, each at most once, batch for batch the torchvision backend's; too few fail at once."""
+    index = index_split(tiny_data, "train")
+    f = take(FfcvTrainLoader(beton, AugParams(16), stage(False), 8, workers=2, seed=2, views=1,
+                             indices=label_subset), 3)
+    t = take(TorchvisionTrainLoader(index, AugParams(16), stage(False), 8, workers=0, seed=2, views=1,
+                                    indices=label_subset), 3)
+    got = torch.cat([b.index for b in f]).tolist()
+    assert len(f) == 4 and len(set(got)) == 32 and set(got) <= set(label_subset.tolist())
+    assert [b.index.tolist() for b in f] == [b.index.tolist() for b in t]
+    assert all(b.labels.tolist() == [index.labels[i] for i in b.index.tolist()] for b in f)
+    with pytest.raises(ValueError, match="batch_size"):
+        FfcvTrainLoader(beton, AugParams(16), stage(False), 8, 0, 2, indices=label_subset[:15])
 
 
 def test_sharding_determinism_resume_and_epochs(beton):

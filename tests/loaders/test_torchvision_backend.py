@@ -1,7 +1,9 @@
-"""The torchvision baseline backend: the Batch contract, determinism, resume position, MixMask."""
+"""The torchvision baseline backend: the Batch contract, determinism, resume position, MixMask, one-view
+loaders and label subsets."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mixmask.mixing import MixMask, MixStage
@@ -114,3 +116,36 @@ def test_contrastive_crop_update_reaches_persistent_workers(gradient_data):
     update_table(table)
     check_epoch(take(ld, 1), 5, 1, box=table.array[0], alpha=AUG.crop_alpha)
     assert [w.pid for w in ld.loader._iterator._workers] == workers  # the same processes
+
+
+def test_one_view_is_view_0_of_two(tiny_data):
+    """views=1 makes view 0 only: x1 equals bit for bit the x1 of views=2 (same seed, epoch, samples), x2 is
+    None; the stage refuses a one-view batch when it has to mix."""
+    index, aug = index_split(tiny_data, "train"), AugParams(24)
+    one, two = (TorchvisionTrainLoader(index, aug, MixStage(MEAN, STD), 16, workers=0, seed=4, views=v) for v in (1, 2))
+    for ld in (one, two):
+        ld.set_epoch(1)
+    pairs = list(zip(one, two))
+    assert len(pairs) == 5
+    for a, b in pairs:
+        assert a.x2 is None and torch.equal(a.index, b.index) and torch.equal(a.x1, b.x1)
+    with pytest.raises(ValueError, match="one-view"):
+        make_loader(tiny_data).stage(torch.zeros(2, 24, 24, 3, dtype=torch.uint8), None, torch.zeros(2), None, 0, 0)
+
+
+def test_label_subset_draws_folder_indices_of_the_subset(tiny_data, label_subset):
+    """indices: each epoch is subset[shard_indices(len(subset))], so Batch.index are folder positions of
+    the subset, each at most once; len = full batches of the subset; too few for a batch fails at once."""
+    from loaders.sharding import shard_indices
+
+    index, subset = index_split(tiny_data, "train"), label_subset
+    ld = TorchvisionTrainLoader(index, AugParams(24), MixStage(MEAN, STD), 8, workers=0, seed=2, views=1,
+                                indices=subset)
+    ld.set_epoch(3)
+    got = torch.cat([b.index for b in ld]).tolist()
+    assert len(ld) == 4 and len(got) == 32 and len(set(got)) == 32 and set(got) <= set(subset.tolist())
+    assert got == subset[shard_indices(33, 0, 1, 8, seed=2, epoch=3, shuffle=True, drop_last=True)].tolist()
+    with pytest.raises(ValueError, match="batch_size"):  # at construction, not mid-epoch
+        TorchvisionTrainLoader(index, AugParams(24), MixStage(MEAN, STD), 8, world=2, workers=0, indices=subset[:15])
+    with pytest.raises(ValueError, match=r"\[0, 80\)"):
+        TorchvisionTrainLoader(index, AugParams(24), MixStage(MEAN, STD), 8, workers=0, indices=[0, 80])
