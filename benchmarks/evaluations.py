@@ -15,8 +15,11 @@ into OUT/<backend>/checkpoint/ and each protocol runs on it with ``data.backend=
     semisup_1    train.py semisup finetune.fraction=0.01 ... (50 labelled images, SEMISUP below)
     semisup_10   train.py semisup finetune.fraction=0.1 ...  (500 labelled images)
 
-Finished evaluations (their JSON present) are not redone, so an interrupted command resumes. Prints the
-table and writes OUT/evaluations.json (machine, every figure) and OUT/evaluations.md.
+The last row (``--baseline``, on by default) is the same protocols on the torchvision backend from the
+untrained model (the checkpoint's architecture and framework, initialised with the same seed as the
+pretraining): what the pretraining adds. Finished evaluations (their JSON present) are not redone, so an
+interrupted command resumes. Prints the table and writes OUT/evaluations.json (every figure) and
+OUT/evaluations.md.
 """
 
 from __future__ import annotations
@@ -63,18 +66,39 @@ def link_checkpoint(src: Path, dst: Path) -> None:
                 (dst / name).write_bytes((src / name).read_bytes())
 
 
-def evaluate(out: Path, ckpt: Path, backend: str, kind: str, extra: list[str]) -> dict:
-    here = out / backend / "checkpoint"
+def random_init(out: Path, ckpt: Path) -> Path:
+    """OUT/random_init/checkpoint: the checkpoint's model as it was before training (same config and seed)."""
+    dst = out / "random_init" / "checkpoint"
+    if not (dst / "model.safetensors").is_file():
+        import torch
+        from safetensors.torch import save_file
+
+        import train
+        from mixmask.config import Config, apply_overrides
+
+        stored = json.loads((ckpt / "config.json").read_text())
+        cfg = Config()
+        apply_overrides(cfg, stored["config"], str(ckpt / "config.json"))
+        torch.manual_seed(cfg.run.seed)  # as train.py's set_seed before build_model
+        model = train.build_model(cfg, 1)
+        dst.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dst / "model.safetensors"))
+        (dst / "config.json").write_text(json.dumps(stored, indent=2))
+    return dst
+
+
+def evaluate(out: Path, ckpt: Path, backend: str, kind: str, extra: list[str], label: str = "") -> dict:
+    here = out / (label or backend) / "checkpoint"
     link_checkpoint(ckpt, here)
     result = here / f"{kind}.json"
     if not result.is_file():
         print(f"{backend}: {kind} ...", flush=True)
         command, *args = ARGS[kind]
-        run_logged(out / backend / f"{kind}.log", "train.py", command, f"eval.checkpoint={here}",
-                   f"data.backend={backend}", f"run.out_dir={out / backend}", "run.progress=false", *args, *extra)
+        run_logged(here.parent / f"{kind}.log", "train.py", command, f"eval.checkpoint={here}",
+                   f"data.backend={backend}", f"run.out_dir={here.parent}", "run.progress=false", *args, *extra)
     r = json.loads(result.read_text())
     top1 = r.get("top1", r.get("knn_top1"))
-    return {"backend": backend, "eval": kind, "top1": top1, "images_per_sec": r.get("images_per_sec"),
+    return {"backend": f"{backend}, {label.replace('_', ' ')}" if label else backend, "eval": kind, "top1": top1, "images_per_sec": r.get("images_per_sec"),
             "wall_seconds": r.get("wall_seconds"), "labelled_images": r.get("labelled_images"),
             "epochs": r.get("epochs")}
 
@@ -86,7 +110,8 @@ def markdown(rows: list[dict], evals: list[str], facts: dict, pre: dict) -> str:
     lines = [f"`python -m benchmarks.evaluations` on {facts['date'][:10]}, {facts['cores']} cores {facts['cpu']}, "
              f"{'GPU ' + facts['gpu'] if facts['gpu'] else 'no GPU'}, torch {facts['torch']}; one demo checkpoint "
              f"(MoCo v2 + MixMask, {pre['epochs']} epochs, kNN {pre['knn_top1_init']:.1f} -> {pre['knn_top1']:.1f} "
-             f"during training), one run per cell; top-1 % on the 1000 validation images.", "",
+             f"during training), one run per cell; top-1 % on the validation images; the last row starts from the "
+             f"untrained model.", "",
              f"| backend | {head} | fine-tune img/s |", "|---" * (len(evals) + 2) + "|"]
     for b in backends:
         cells = [f"{by[(b, e)]['top1']:.1f}" if (b, e) in by else "—" for e in evals]
@@ -101,6 +126,8 @@ def main(argv=None) -> int:
     ap.add_argument("--evals", default="knn,linear,semisup_1,semisup_10,finetune")
     ap.add_argument("--checkpoint", default="", help="a checkpoint folder (default: pretrain the demo)")
     ap.add_argument("--out", default="bench-out/evaluations")
+    ap.add_argument("--baseline", default=True, action=argparse.BooleanOptionalAction,
+                    help="also evaluate the untrained model (torchvision backend)")
     ap.add_argument("--readme", default="", help="put the table between README's evaluations markers")
     ap.add_argument("overrides", nargs="*", help="section.field=value passed to every command")
     a = ap.parse_args(argv)
@@ -115,6 +142,9 @@ def main(argv=None) -> int:
     pre = json.loads(summary.read_text()) if summary.is_file() else {"epochs": "?", "knn_top1_init": float("nan"),
                                                                      "knn_top1": float("nan")}
     rows = [evaluate(out, ckpt, b, e, a.overrides) for b in a.backends.split(",") for e in evals]
+    if a.baseline:
+        init = random_init(out, ckpt)
+        rows += [evaluate(out, init, "torchvision", e, a.overrides, label="random_init") for e in evals]
     facts = machine()
     md = markdown(rows, evals, facts, pre)
     print(md)

@@ -116,10 +116,16 @@ def collect(run_dirs: list[Path]) -> list[dict]:
         if summary is None and lines:  # unfinished: how far it got
             epochs = f"{lines[-1]['epoch']}/{cfg.get('optim', {}).get('epochs', '?')}"
         speed = [d["images_per_sec"] for d in lines if "images_per_sec" in d]
+        framework = cfg.get("model", {}).get("framework")
+        masking = (mask.get("method", "mixmask") if mask.get("enabled") else "none") if mask else None
+        kind = stored.get("command")  # a fine-tuning run (train.py finetune / semisup): its own top-1
+        if kind in ("finetune", "semisup"):
+            framework, masking = f"{kind} of {framework}", None  # its mask section is not used
+            if s.get("top1") is not None:
+                ev[f"semisup {_fraction_tag(s, '')}" if kind == "semisup" else kind] = s["top1"]
         rows.append({
             "run": run.name, "path": str(run), "status": "done" if summary else "unfinished",
-            "framework": cfg.get("model", {}).get("framework"),
-            "masking": (mask.get("method", "mixmask") if mask.get("enabled") else "none") if mask else None,
+            "framework": framework, "masking": masking,
             "backend": cfg.get("data", {}).get("backend"), "epochs": epochs,
             "knn": s.get("knn_top1", knn_eval), **ev,
             "images_per_sec": s.get("images_per_sec", speed[-1] if speed else None),

@@ -40,3 +40,21 @@ def test_two_process_training(tiny_data, tmp_path):
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["derived"]["world_size"] == 2 and summary["derived"]["global_batch"] == 16
     assert summary["steps"] == 3 and summary["images_per_sec"] > 0
+
+
+def test_two_process_evaluations(tiny_data, tmp_path):
+    """knn on 2 processes equals knn on 1 (padded shards, gathered, repeats dropped); semisup trains on 2."""
+    common = [*TINY, f"data.root={tiny_data}", f"run.out_dir={tmp_path}", "run.name=pre", "data.batch_size=8"]
+    assert run_train(*common, "run.max_steps=2").returncode == 0
+    ckpt = tmp_path / "pre" / (tmp_path / "pre" / "latest").read_text().strip()
+    knn = {}
+    for world, launcher in ((1, None), (2, LAUNCH)):
+        res = run_train("knn", *common, "data.batch_size=12", launcher=launcher)  # 40 val images: a padded shard
+        assert res.returncode == 0, res.stderr[-3000:]
+        knn[world] = json.loads((ckpt / "knn.json").read_text())
+    assert knn[2]["processes"] == 2 and knn[2]["knn_top1"] == pytest.approx(knn[1]["knn_top1"], abs=1e-6)
+    res = run_train("semisup", *common, "finetune.fraction=0.5", "finetune.epochs=1", "finetune.batch_size=8",
+                    launcher=LAUNCH)
+    assert res.returncode == 0, res.stderr[-3000:]
+    semi = json.loads((ckpt / "semisup_50.json").read_text())
+    assert semi["processes"] == 2 and semi["labelled_images"] == 40 and semi["steps"] == 40 // 16

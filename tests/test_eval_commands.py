@@ -141,3 +141,21 @@ def test_tensorboard_gets_the_batch_grid(pretrained):
     images = events.Images("batch")
     assert [i.step for i in images] == [2]  # run.show_every=2 over 3 steps
     assert images[0].width == 3 * (96 + 2) - 2  # three 96-px columns: x1, x2 and the mixed view
+
+
+def test_random_init_baseline_is_the_pretraining_start(pretrained, tmp_path):
+    """benchmarks.evaluations' baseline row: the untrained model it rebuilds gives the kNN the pretraining
+    measured before its first step (same config, same seed), and the table has a row per backend."""
+    from benchmarks.evaluations import markdown, random_init
+
+    data, run = pretrained
+    ckpt = run / (run / "latest").read_text().strip()
+    init = random_init(tmp_path, ckpt)
+    res = run_train("knn", *tiny_args(data, tmp_path, "x", f"eval.checkpoint={init}"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert json.loads((init / "knn.json").read_text())["knn_top1"] == pytest.approx(summary["knn_top1_init"], abs=1e-6)
+    rows = [{"backend": b, "eval": "knn", "top1": 10.0 + i} for i, b in enumerate(("torchvision", "dali"))]
+    md = markdown(rows, ["knn", "linear"], {"date": "2026-12-02", "cores": 2, "cpu": "x", "gpu": "", "torch": "2"},
+                  {"epochs": 1, "knn_top1_init": 1.0, "knn_top1": 2.0})
+    assert "| torchvision | 10.0 | — | — |" in md and "| dali | 11.0 | — | — |" in md

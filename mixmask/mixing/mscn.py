@@ -13,7 +13,7 @@ per-channel mean or a heavy blur of the view. Cells: kernels/cells.py mode "unif
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -31,7 +31,7 @@ class MSCNConfig:
     hp_kernel: int = 11  # Gaussian kernel size of the high-pass filter (odd)
     hp_sigma: float = 5.0  # its sigma in pixels
     grid: int = 7  # g x g cells (7 at 224 px: the ResNet stride; 4 at the demo's 32 px)
-    ratio: list[float] = field(default_factory=lambda: [0.05, 0.25])  # r ~ U(lo, hi): fraction of cells masked
+    ratio: tuple[float, float] = (0.05, 0.25)  # r ~ U(lo, hi): fraction of cells masked
     spatial_p: float = 0.3  # probability that all channels share the cells (else channel-wise)
     focal_p: float = 0.2  # probability of focal masking instead of cells
     focal_size: float = 200 / 224  # side of the kept focal window, as a fraction of the image side
@@ -39,10 +39,10 @@ class MSCNConfig:
     noise_std: float = 0.18  # std of the noise fill, normalised units
 
     def problems(self) -> list[str]:
-        lo, hi = (self.ratio + [0, 0])[:2]
+        lo, hi = self.ratio
         checks = [(self.hp_kernel >= 1 and self.hp_kernel % 2 == 1, "hp_kernel must be odd and >= 1"),
                   (self.hp_sigma > 0, "hp_sigma must be > 0"), (self.grid >= 1, "grid must be >= 1"),
-                  (len(self.ratio) == 2 and 0 <= lo <= hi <= 1, "ratio must be [lo, hi] with 0 <= lo <= hi <= 1"),
+                  (0 <= lo <= hi <= 1, "ratio must be [lo, hi] with 0 <= lo <= hi <= 1"),
                   (0 <= self.spatial_p <= 1, "spatial_p must be in [0, 1]"), (0 <= self.focal_p <= 1, "focal_p must be in [0, 1]"),
                   (0 < self.focal_size <= 1, "focal_size must be in (0, 1]"), (self.noise_std >= 0, "noise_std must be >= 0")]
         return [m for ok, m in checks if not ok]

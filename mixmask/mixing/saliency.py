@@ -29,7 +29,7 @@ the object and its background helps MixMask the way it helps erasing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -55,13 +55,13 @@ class SaliencyConfig:
     threshold: float = 0.6  # foreground cells: A >= mean(A) - threshold std(A)
     cap: float = 0.55  # at most this fraction of all cells masked in the foreground
     hard_negative: bool = True  # append a masked copy of the key view as an extra negative
-    hard_ratio: list[float] = field(default_factory=lambda: [0.4, 0.7])  # fraction of its foreground cells masked
+    hard_ratio: tuple[float, float] = (0.4, 0.7)  # fraction of its foreground cells masked
     hard_noise_std: float = 0.14  # noise std of the hard negative's masked cells (normalised units)
 
     def problems(self) -> list[str]:
-        lo, hi = (self.hard_ratio + [0, 0])[:2]
+        lo, hi = self.hard_ratio
         checks = [(self.threshold >= 0, "threshold must be >= 0"), (0 <= self.cap <= 1, "cap must be in [0, 1]"),
-                  (len(self.hard_ratio) == 2 and 0 <= lo <= hi <= 1, "hard_ratio must be [lo, hi] in [0, 1]"),
+                  (0 <= lo <= hi <= 1, "hard_ratio must be [lo, hi] in [0, 1]"),
                   (self.hard_noise_std >= 0, "hard_noise_std must be >= 0"),
                   (self.source != "file" or bool(self.weights), "source=file needs weights (a local state-dict file)"),
                   (self.source != "file" or not self.weights or Path(self.weights).is_file(),

@@ -105,3 +105,16 @@ def test_each_framework_has_a_demo_overlay_and_an_imagenet_recipe(framework):
     assert demo.model.framework == framework and demo.data.root == ""
     imagenet = load_config(sorted(CONFIGS.glob(f"imagenet_{framework.replace('moco_v2', 'mocov2')}_mixmask_200ep.yaml")))
     assert imagenet.model.framework == framework and imagenet.model.arch == "resnet50" and imagenet.optim.epochs == 200
+
+
+def test_every_field_round_trips_through_its_stored_form():
+    """A run stores its resolved config (config.json, config.yaml); every field must load back as it was
+    (a field type the checker cannot read would make every stored config unreadable)."""
+    import json
+
+    from mixmask.config import Config, apply_overrides
+
+    stored = json.loads(json.dumps(Config().to_dict()))  # tuples become lists, as in config.json
+    cfg = Config()
+    apply_overrides(cfg, stored, "config.json")
+    assert cfg == Config()

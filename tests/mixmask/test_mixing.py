@@ -709,12 +709,14 @@ def test_hard_negative_needs_negatives(method, explicit):
 
 
 def test_bad_range_names_the_key():
-    with pytest.raises(ConfigError, match=r"mscn\.ratio"):
+    with pytest.raises(ConfigError, match=r"mscn\.ratio must be \[lo, hi\]"):
         load_config([], ["mask.method=mscn", "mscn.ratio=[0.5, 0.1]"])
+    assert load_config([], ["mask.method=mscn", "mscn.ratio=[0.1, 0.5]"]).mscn.ratio == (0.1, 0.5)
     with pytest.raises(ConfigError, match=r"unmix\.mixup_p"):
         load_config([], ["mask.method=unmix", "unmix.mixup_p=1.5"])
-    with pytest.raises(ConfigError, match=r"saliency\.hard_ratio"):
+    with pytest.raises(ConfigError, match=r"saliency\.hard_ratio must be \[lo, hi\]"):
         load_config([], ["mask.method=saliency", "saliency.hard_ratio=[0.9, 0.2]"])
+    assert load_config([], ["mask.method=saliency", "saliency.hard_ratio=[0.2, 0.9]"]).saliency.hard_ratio == (0.2, 0.9)
 
 
 def test_unknown_method_lists_the_choices():

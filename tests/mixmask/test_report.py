@@ -124,3 +124,19 @@ def test_bad_paths(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(ValueError, match="empty: holds no run"):
         collect([tmp_path / "empty"])
+
+
+def test_a_fine_tuning_run_reports_its_own_top1(tmp_path):
+    """train.py finetune / semisup write a summary with command, kind, fraction and top1: the row shows it
+    in its column and says what was fine-tuned (its mask section is not used: no masking)."""
+    cfg = {**config(backend="ffcv"), "command": "semisup"}
+    run_dir(tmp_path, "semisup_10", {"epochs": 30, "top1": 61.44, "kind": "semisup", "fraction": 0.1,
+                                     "images_per_sec": 400.0, "wall_seconds": 35}, [], cfg)
+    cfg = {**config(), "command": "finetune"}
+    run_dir(tmp_path, "finetune", {"epochs": 8, "top1": 90.4, "kind": "finetune", "fraction": 1.0,
+                                   "images_per_sec": 548.0, "wall_seconds": 74}, [], cfg)
+    rows = {r["run"]: r for r in collect([tmp_path])}
+    assert rows["semisup_10"]["semisup 10%"] == 61.44 and rows["semisup_10"]["framework"] == "semisup of moco_v2"
+    assert rows["finetune"]["finetune"] == 90.4 and rows["finetune"]["masking"] is None
+    table = markdown_table(list(rows.values()))
+    assert "| finetune | finetune of moco_v2 | — | torchvision | 8 | — | — | — | — | 90.4 | 548 | 1m 14s |" in table
