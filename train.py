@@ -19,6 +19,7 @@ works too (one process). Outputs go to <run.out_dir>/<run.name>/ (see README.md)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from loaders.demo import ensure_demo_dataset
 from mixmask.mixing import MixStage
 from loaders.folder import DataError, index_split
 from loaders.torchvision_backend import AugParams, TorchvisionEvalLoader, TorchvisionTrainLoader, eval_transform
+from loaders.watchdog import watch
 from mixmask.config import Config, ConfigError, load_config, parse_cli_overrides
 from mixmask.evaluation import knn_top1, linear_probe
 
@@ -140,6 +142,17 @@ def make_stage(cfg: Config, accelerator, masking: bool) -> MixStage:
     )
 
 
+def watched(build):
+    """A loader builder whose loader comes wrapped in a Watchdog when data.timeout > 0 (loaders/watchdog.py):
+    a loader that produces no batch for data.timeout seconds raises DataError instead of hanging."""
+    @functools.wraps(build)
+    def wrapper(cfg: Config, *args, **kwargs):
+        return watch(build(cfg, *args, **kwargs), cfg.data.timeout)
+
+    return wrapper
+
+
+@watched
 def eval_loader(cfg: Config, accelerator, root: Path, split: str, transform=None):
     """One centre-cropped view per image (resize the shorter side to data.eval_resize, crop data.image_size),
     decoded once, through data.backend; padded shards (callers drop repeats by index). ``transform``: a
@@ -211,6 +224,7 @@ def beton(cfg: Config, accelerator, root: Path, split: str) -> Path:
                             **beton_writer_args(cfg, cfg.run.progress and accelerator.is_main_process))
 
 
+@watched
 def train_loader(cfg: Config, accelerator, index, aug: AugParams, boxes=None, *, views: int = 2, indices=None,
                  batch_size: int = 0):
     """The training loader of data.backend: Batch of ``views`` views (1: x1 only, for supervised training and
@@ -314,7 +328,7 @@ def exit_if_interrupted(accelerator, facts: dict, state, run_dir: Path) -> None:
 def cmd_train(cfg: Config) -> dict:
     from accelerate.utils import set_seed
 
-    from mixmask.checkpoint import latest_checkpoint
+    from mixmask.checkpoint import latest_checkpoint, load_checkpoint, register_state
     from mixmask.engine import TrainState, fit
 
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
@@ -354,14 +368,13 @@ def cmd_train(cfg: Config) -> dict:
     saliency = getattr(loader.stage.mixer, "saliency", None)
     if saliency is not None and saliency.wants_encoder:  # saliency.source=encoder: the model's own target map
         saliency.feature_map = accelerator.unwrap_model(model).target_feature_map
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
+    state = TrainState()  # fit saves it in every checkpoint (as "train")
     if crop is not None:  # the boxes are saved in every checkpoint and restored in place on resume
-        accelerator.register_for_checkpointing(crop)
+        register_state(accelerator, "ccrop", crop)
     resolved = {"config": cfg.to_dict(), "derived": d, "git_sha": git_sha()}
     ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
+    if ckpt is not None:  # safetensors + JSON only: nothing in the checkpoint is unpickled
+        load_checkpoint(accelerator, ckpt, model, optimizer, {"train": state})
         log.info("resumed from %s at epoch %d, step %d", ckpt, state.epoch, state.step)
         if preview is not None:  # the TensorBoard batch grids keep counting batches across the resume
             preview.count = state.step * cfg.optim.grad_accum
@@ -443,12 +456,12 @@ def results_path(weights: Path, name: str) -> Path:
     return weights.parent / name
 
 
-def probe_loader(cfg: Config, accelerator, root: Path, index, crop_scale=(0.08, 1.0), indices=None, batch_size=0):
-    """(x, labels, index) batches of one RandomResizedCrop + flip view per image, on data.backend."""
+def probe_loader(cfg: Config, accelerator, index):
+    """(x, labels, index) batches of one RandomResizedCrop (scale 0.08-1) + flip view per image, on data.backend:
+    the augmented linear probe's training views."""
     from mixmask.evaluation import FirstView
 
-    return FirstView(train_loader(cfg, accelerator, index, one_view_aug(cfg, crop_scale), views=1, indices=indices,
-                                  batch_size=batch_size))
+    return FirstView(train_loader(cfg, accelerator, index, one_view_aug(cfg, (0.08, 1.0)), views=1))
 
 
 def cmd_eval(cfg: Config, kind: str) -> dict:
@@ -464,7 +477,7 @@ def cmd_eval(cfg: Config, kind: str) -> dict:
     else:
         e = cfg.eval
         index = index_split(root, "train")
-        train = probe_loader(cfg, accelerator, root, index) if e.augment else eval_loader(cfg, accelerator, root, "train")
+        train = probe_loader(cfg, accelerator, index) if e.augment else eval_loader(cfg, accelerator, root, "train")
         val = eval_loader(cfg, accelerator, root, "val")
         result = linear_probe(
             features, model.width, train, val, len(index.classes), e.epochs, e.lr, e.weight_decay, e.milestones,
@@ -485,7 +498,7 @@ def cmd_finetune(cfg: Config, semisup: bool) -> dict:
     <pretraining run>/<tag>/ (tag finetune or semisup_<percent>); the result also goes beside the checkpoint
     as <tag>.json."""
     from loaders.folder import label_subset, load_subset, save_subset
-    from mixmask.checkpoint import latest_checkpoint, resolve_weights
+    from mixmask.checkpoint import latest_checkpoint, load_checkpoint, resolve_weights
     from mixmask.engine import TrainState, fit
     from mixmask.evaluation import top1_accuracy
     from mixmask.frameworks.supervised import Supervised
@@ -527,13 +540,12 @@ def cmd_finetune(cfg: Config, semisup: bool) -> dict:
     groups = model.param_groups(weight_decay=f.weight_decay, exclude_bias_bn=True)
     optimizer = build_optimizer(f.optimizer, groups, lr=d["lr"], momentum=f.momentum, betas=f.betas)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
+    state = TrainState()  # fit saves it in every checkpoint (as "train")
     resolved = {"config": cfg.to_dict(), "derived": d, "git_sha": git_sha(), "pretrained": str(weights),
                 "command": "semisup" if semisup else "finetune"}
     ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
+    if ckpt is not None:  # safetensors + JSON only: nothing in the checkpoint is unpickled
+        load_checkpoint(accelerator, ckpt, model, optimizer, {"train": state})
         log.info("resumed from %s at epoch %d, step %d", ckpt, state.epoch, state.step)
     if accelerator.is_main_process:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -623,12 +635,14 @@ def cmd_report(runs: list[str], out: Path) -> int:
 
 
 def fan_out_cpu_processes(argv: list[str]) -> int | None:
-    """Make `accelerate launch --cpu --num_processes N` (N > 1) start N processes.
+    """Make `accelerate launch --cpu --num_processes N [--num_machines M --machine_rank R]` start its processes.
 
     accelerate 1.15's launcher starts ONE process for --cpu and leaves the fan-out to mpirun
-    (``--mpirun_hostfile``); without it the run would silently train on one process. Here the
-    requested N is read from the launcher's command line and the processes are started with
-    torch.distributed.run (gloo on the CPU). Returns the exit code, or None when nothing to do.
+    (``--mpirun_hostfile``); without it the run would silently train on one process. Here the requested
+    N (all machines together), M and R are read from the launcher's command line and this machine's N / M
+    processes are started with torch.distributed.run (gloo on the CPU; node R of M, rendezvous at the
+    launcher's MASTER_ADDR:MASTER_PORT, i.e. --main_process_ip/--main_process_port). Returns the exit code,
+    or None when there is nothing to do.
     """
     env = os.environ
     if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or "MASTER_ADDR" not in env:
@@ -639,17 +653,20 @@ def fan_out_cpu_processes(argv: list[str]) -> int | None:
         parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
     except OSError:
         return None
-    n = 1
+    opts = {"--num_processes": 1, "--num_machines": 1, "--machine_rank": 0}
     for i, arg in enumerate(parent):
-        if arg == "--num_processes" and i + 1 < len(parent):
-            n = int(parent[i + 1])
-        elif arg.startswith("--num_processes="):
-            n = int(arg.split("=", 1)[1])
-    if n <= 1:
+        name, eq, value = arg.partition("=")
+        if name in opts:
+            opts[name] = int(value if eq else parent[i + 1])
+    n, machines, rank = opts["--num_processes"], opts["--num_machines"], opts["--machine_rank"]
+    if n <= 1 and machines <= 1:
         return None
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
-           f"--master_addr={env['MASTER_ADDR']}", f"--master_port={env.get('MASTER_PORT', '29500')}",
-           str(Path(__file__).resolve()), *argv]
+    if n % machines:
+        print(f"error: --num_processes {n} is not a multiple of --num_machines {machines}", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={machines}", f"--node_rank={rank}",
+           f"--nproc_per_node={n // machines}", f"--master_addr={env['MASTER_ADDR']}",
+           f"--master_port={env.get('MASTER_PORT', '29500')}", str(Path(__file__).resolve()), *argv]
     return subprocess.call(cmd)
 
 

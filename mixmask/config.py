@@ -9,6 +9,7 @@ Unknown sections or keys and values of the wrong type are errors that name the k
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class DataConfig:
     batch_size: int = 128  # per process; global batch = batch_size * processes * grad_accum
     workers: int = 2  # per training process: DataLoader worker processes (torchvision), DALI threads (dali)
     prefetch: int = 4  # batches kept ready: per DataLoader worker (torchvision), DALI queue depth, FFCV batches_ahead
+    timeout: float = 300.0  # seconds without a batch before the loader is declared stuck (0 = never)
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range (MoCo v2)
     crop_ratio: tuple[float, float] = (0.75, 1.3333333)  # RandomResizedCrop aspect range
     flip_p: float = 0.5  # horizontal flip probability
@@ -167,12 +169,20 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def _show(value: Any) -> str:
+    """repr(value), or a stand-in where Python refuses to print it (an int of more than 4300 digits)."""
+    try:
+        return repr(value)
+    except ValueError:
+        return f"<{type(value).__name__} too large to print>"
+
+
 def _check_value(key: str, value: Any, tp: Any) -> Any:
     """Return ``value`` converted to the annotated type ``tp`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+            raise ConfigError(f"{key}: {_show(value)} is not one of {list(typing.get_args(tp))}")
         return value
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -180,11 +190,11 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
                 return _check_value(key, value, arg)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+        raise ConfigError(f"{key}: {_show(value)} does not match {tp}")
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_show(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_check_value(key, v, args[0]) for v in value)
         if len(value) != len(args):
@@ -192,11 +202,15 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         return tuple(_check_value(key, v, a) for v, a in zip(value, args))
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+            raise ConfigError(f"{key}: expected true/false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
+        try:
+            repr(value)
+        except ValueError:  # over sys.get_int_max_str_digits() digits: it could not be printed or stored
+            raise ConfigError(f"{key}: a {value.bit_length()}-bit integer is too large to write out") from None
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads exponents without a dot (5e-4) as strings
@@ -205,17 +219,41 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
             except ValueError:
                 raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{key}: expected a number, got {_show(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond the largest float
+            number = math.inf
+        if not math.isfinite(number):  # nan and inf fail no range check written as `x < 0` and mean nothing
+            raise ConfigError(f"{key}: expected a finite number, got {_show(value)}")
+        return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_show(value)}")
         return value
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a programming error
 
 
 def _section_types(section: Any) -> dict[str, Any]:
     return typing.get_type_hints(type(section))
+
+
+def _name(*parts: Any) -> str:
+    """'section' or 'section.key' as the file or command line spelled it, quoted on one line."""
+    return repr(".".join(p if isinstance(p, str) else _show(p) for p in parts))
+
+
+def _yaml_problem(e: Exception) -> str:
+    """What yaml.safe_load raised, on one line. Its YAMLErrors span several (the problem, then the place);
+    its constructors raise others on a bad tagged scalar (!!int abc: ValueError, !!bool maybe: KeyError,
+    2020-13-45: ValueError, an int of over 4300 digits: ValueError) and RecursionError on deep nesting."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    if not isinstance(e, yaml.YAMLError):
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> set[str]:
@@ -226,15 +264,15 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> set[
     done = set()
     for name, values in overrides.items():
         if name not in sections:
-            raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(sorted(sections))})")
+            raise ConfigError(f"{source}: unknown section {_name(name)} (known: {', '.join(sorted(sections))})")
         section = getattr(cfg, name)
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section '{name}' must be a mapping")
+            raise ConfigError(f"{source}: section {_name(name)} must be a mapping")
         hints = _section_types(section)
         for key, value in values.items():
             if key not in hints:
                 raise ConfigError(
-                    f"{source}: unknown key '{name}.{key}' (known: {', '.join(sorted(hints))})"
+                    f"{source}: unknown key {_name(name, key)} (known: {', '.join(sorted(hints))})"
                 )
             setattr(section, key, _check_value(f"{name}.{key}", value, hints[key]))
             done.add(f"{name}.{key}")
@@ -247,12 +285,12 @@ def parse_cli_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or key.count(".") != 1 or not all(key.split(".")):
-            raise ConfigError(f"override '{item}': expected section.field=value")
+            raise ConfigError(f"override {item!r}: expected section.field=value")
         section, name = key.split(".")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override '{item}': value is not valid YAML ({e.problem})") from None
+        except Exception as e:  # noqa: BLE001 - whatever safe_load raises, the text is not readable (_yaml_problem)
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({_yaml_problem(e)})") from None
         out.setdefault(section, {})[name] = value
     return out
 
@@ -263,12 +301,16 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Conf
     keys: set[str] = set()
     for path in files:
         path = Path(path)
-        if not path.is_file():
+        try:
+            text = path.read_text() if path.is_file() else None
+        except (OSError, UnicodeDecodeError) as e:  # a name too long, no permission, not UTF-8
+            raise ConfigError(f"{path}: cannot read it ({str(e).splitlines()[0]})") from None
+        if text is None:
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+            data = yaml.safe_load(text) or {}
+        except Exception as e:  # noqa: BLE001 - whatever safe_load raises, the text is not readable (_yaml_problem)
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
         keys |= apply_overrides(cfg, data, str(path))
     keys |= apply_overrides(cfg, parse_cli_overrides(list(overrides)), "command line")
     validate(cfg, keys)
@@ -303,6 +345,7 @@ def validate(cfg: Config, keys: set[str] = frozenset()) -> None:
         (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
         (cfg.data.batch_size >= 2, "data.batch_size must be >= 2 (MixMask needs a partner image)"),
         (cfg.data.workers >= 0, "data.workers must be >= 0"),
+        (cfg.data.timeout >= 0, "data.timeout must be >= 0 (0 = no watchdog)"),
         (cfg.data.backend != "dali" or cfg.data.workers >= 1, "data.workers (DALI threads) must be >= 1 for dali"),
         (0 <= cfg.data.hw_decoder_load <= 1, "data.hw_decoder_load must be in [0, 1]"),
         (cfg.data.ffcv_max_resolution >= 0, "data.ffcv_max_resolution must be >= 0"),

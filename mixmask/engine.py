@@ -195,7 +195,8 @@ def fit(
                 f.write(json.dumps({"step": state.step, "epoch": state.epoch, "time": time.time(), **values}) + "\n")
 
     def checkpoint() -> None:
-        save_checkpoint(accelerator, run_dir, state.step, config, keep_checkpoints)
+        save_checkpoint(accelerator, run_dir, state.step, config, keep_checkpoints, model=model, optimizer=optimizer,
+                        states={"train": state})  # + the states of mixmask.checkpoint.register_state
         meter.restart_clock()  # checkpoint (and monitor) time is not training time
 
     def stop_requested(at_log: bool) -> bool:

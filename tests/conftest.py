@@ -3,9 +3,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+try:
+    from hypothesis import settings
+except ImportError:  # the dev extra brings it; tests/mixmask/test_config_fuzz.py skips without it
+    pass
+else:
+    # ci (the default): the same 200 examples a test on every run, no deadline on a loaded machine, no
+    # example database (hypothesis still caches constants in .hypothesis/, git-ignored);
+    # HYPOTHESIS_PROFILE=dev: a longer random search
+    settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True, database=None)
+    settings.register_profile("dev", max_examples=1000, deadline=None, database=None)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(config, items):

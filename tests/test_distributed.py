@@ -58,3 +58,26 @@ def test_two_process_evaluations(tiny_data, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     semi = json.loads((ckpt / "semisup_50.json").read_text())
     assert semi["processes"] == 2 and semi["labelled_images"] == 40 and semi["steps"] == 40 // 16
+
+
+def test_two_machines_on_one_host_train_like_two_processes(tiny_data, tmp_path):
+    """`accelerate launch --cpu --num_machines 2 --machine_rank R --main_process_ip 127.0.0.1 ...` once per
+    "node" (one process each) trains exactly as one node with 2 processes: same shards, same losses."""
+    from trainrun import read_metrics
+
+    common = [*TINY, f"data.root={tiny_data}", f"run.out_dir={tmp_path}", "data.batch_size=8", "run.max_steps=3"]
+    one = run_train(*common, "run.name=one_node", launcher=LAUNCH)
+    assert one.returncode == 0, one.stderr[-3000:]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_machines", "2", "--machine_rank",
+         str(r), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", "29547",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train.py"), *common, "run.name=two_nodes"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in nodes:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    summary = json.loads((tmp_path / "two_nodes" / "summary.json").read_text())
+    assert summary["derived"]["world_size"] == 2 and summary["steps"] == 3
+    losses = {name: [m["loss"] for m in read_metrics(tmp_path / name) if "loss" in m] for name in ("one_node", "two_nodes")}
+    assert losses["two_nodes"] == pytest.approx(losses["one_node"], rel=1e-6)

@@ -67,8 +67,10 @@ class CMAEConfig:
             (self.decoder_depth >= 0, "decoder_depth must be >= 0"),
             (self.decoder_dim >= 1 and self.decoder_heads >= 1 and self.decoder_dim % self.decoder_heads == 0,
              "decoder_dim must be a positive multiple of decoder_heads"),
-            (min(self.w_reconstruction, self.w_contrastive, self.w_position) >= 0, "loss weights must be >= 0"),
-            (self.w_reconstruction + self.w_contrastive + self.w_position > 0, "at least one loss weight must be > 0"),
+            (self.w_reconstruction >= 0, "w_reconstruction must be >= 0"),
+            (self.w_contrastive >= 0, "w_contrastive must be >= 0"), (self.w_position >= 0, "w_position must be >= 0"),
+            (self.w_reconstruction + self.w_contrastive + self.w_position > 0,
+             "w_reconstruction + w_contrastive + w_position must be > 0 (at least one loss)"),
             (self.temperature > 0, "temperature must be > 0"), (self.dim >= 1, "dim must be >= 1"),
             (self.mlp_hidden >= 1, "mlp_hidden must be >= 1"), (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
         ] if not ok]

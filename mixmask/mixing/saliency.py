@@ -64,9 +64,16 @@ class SaliencyConfig:
                   (0 <= lo <= hi <= 1, "hard_ratio must be [lo, hi] in [0, 1]"),
                   (self.hard_noise_std >= 0, "hard_noise_std must be >= 0"),
                   (self.source != "file" or bool(self.weights), "source=file needs weights (a local state-dict file)"),
-                  (self.source != "file" or not self.weights or Path(self.weights).is_file(),
+                  (self.source != "file" or not self.weights or _is_file(self.weights),
                    f"weights: no such file {self.weights!r}")]
         return [m for ok, m in checks if not ok]
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except OSError:  # a name too long for the file system (is_file passes only "no such file" errors)
+        return False
 
 
 FeatureMap = Callable[[torch.Tensor], torch.Tensor]  # normalised (N, 3, H, W) float32 -> (N, C, h, w)
