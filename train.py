@@ -44,16 +44,94 @@ DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 log = logging.getLogger("mixmask")
 
 
-def derived(cfg: Config, world: int, steps_per_epoch: int) -> dict:
-    """Every value computed from the config, in one place (logged and stored in the summary)."""
-    global_batch = cfg.data.batch_size * world * cfg.optim.grad_accum
+def derived(cfg: Config, world: int, steps_per_epoch: int, grad_accum: int = 0) -> dict:
+    """Every value computed from the config, in one place (logged and stored in the summary and in every
+    checkpoint's config.json, where a resume reads the layout back). grad_accum: the effective one (0: the
+    config's; run.resize=keep_global_batch may change it on resume, see resume_layout)."""
+    grad_accum = grad_accum or cfg.optim.grad_accum
+    global_batch = cfg.data.batch_size * world * grad_accum
     return {
         "world_size": world,
+        "batch_size": cfg.data.batch_size,  # per process
+        "grad_accum": grad_accum,
         "global_batch": global_batch,
         "lr": cfg.optim.lr * global_batch / 256,  # linear scaling rule
         "steps_per_epoch": steps_per_epoch,
         "warmup_steps": round(cfg.optim.warmup_epochs * steps_per_epoch),
     }
+
+
+def layout_text(world: int, batch: int, accum: int) -> str:
+    return f"{world} process(es) x data.batch_size {batch} x grad_accum {accum} = global batch {world * batch * accum}"
+
+
+def resume_layout(cfg: Config, world: int, loader_batches: int, ckpt: Path | None) -> dict:
+    """How a run resumes on this layout (``run.resize``; README "Reliability and scale").
+    -> {"grad_accum": the effective one, "state": TrainState fields to set after loading the checkpoint,
+        "from": the checkpoint's layout when it differs from this run's (else None), "note": a log line or None}
+
+    The checkpoint's layout (its config.json "derived": processes x data.batch_size x grad_accum = global batch)
+    is compared with this run's (``world`` x data.batch_size x optim.grad_accum). The epoch's order is a
+    permutation keyed by (seed, epoch) and step k of every layout trains on its samples [k G, (k + 1) G) for a
+    global batch G (loaders/sharding.py), so the data position is the count of samples consumed in the epoch.
+    When the layouts differ:
+    keep_global_batch: grad_accum = the stored global batch / (data.batch_size x world): the global batch, the
+        lr, the optimizer steps and the steps per epoch stay; the epoch continues at micro-batch
+        step_in_epoch x grad_accum, i.e. at the same sample.
+    rescale_lr: data.batch_size and optim.grad_accum as asked, so a new global batch G' and lr = optim.lr x G' / 256;
+        step_in_epoch = the samples consumed in the epoch / G' (the same sample) and step = epoch x the new
+        steps per epoch + step_in_epoch: the schedule's position, a fraction of the training in samples, in the
+        new step units (total and warm-up steps are recomputed from the new steps per epoch; run.max_steps
+        counts new steps).
+    A global batch or a sample count that does not divide is a ConfigError (one line)."""
+    from mixmask.checkpoint import read_tree
+
+    plan = {"grad_accum": cfg.optim.grad_accum, "state": {}, "from": None, "note": None}
+    if ckpt is None or not (ckpt / "config.json").is_file() or not (ckpt / "state.json").is_file():
+        return plan  # nothing to resume (load_checkpoint names what is missing)
+    stored, saved = json.loads((ckpt / "config.json").read_text()), read_tree(ckpt, "state")
+    train = saved.get("states", {}).get("train")
+    if train is None:
+        return plan
+    d0, c0 = stored.get("derived", {}), stored.get("config", {})
+    w0 = d0.get("world_size", saved.get("processes", world))
+    b0 = d0.get("batch_size", c0.get("data", {}).get("batch_size", cfg.data.batch_size))
+    a0 = d0.get("grad_accum", c0.get("optim", {}).get("grad_accum", cfg.optim.grad_accum))
+    g0, epoch, step = w0 * b0 * a0, train.get("epoch", 0), train.get("step", 0)
+    used = train.get("epoch_samples", train.get("step_in_epoch", 0) * g0)  # older checkpoints: from the steps
+    plan["state"] = {"samples": train.get("samples", step * g0), "epoch_samples": used}
+    b, a = cfg.data.batch_size, cfg.optim.grad_accum
+    if (w0, b0, a0) == (world, b, a):
+        return plan
+    was = layout_text(w0, b0, a0)
+    plan["from"] = {"world_size": w0, "batch_size": b0, "grad_accum": a0, "global_batch": g0, "resize": cfg.run.resize}
+    if cfg.run.resize == "keep_global_batch":
+        if g0 % (b * world):
+            hint = (f"set data.batch_size to a divisor of {g0 // world} or run.resize=rescale_lr" if g0 % world == 0
+                    else f"no data.batch_size divides it on {world} process(es): set run.resize=rescale_lr")
+            raise ConfigError(f"run.resize=keep_global_batch: the checkpoint's global batch {g0} ({was}) is not "
+                              f"data.batch_size {b} x {world} process(es) x a whole optim.grad_accum; {hint}")
+        ga = plan["grad_accum"] = g0 // (b * world)
+        if (w0, b0, a0) == (world, b, ga):  # the same layout as before (optim.grad_accum adapted earlier)
+            plan["from"] = None
+            return plan
+        plan["note"] = (f"resumed on another layout: {was} -> {layout_text(world, b, ga)} (run.resize="
+                        f"keep_global_batch: global batch, lr, steps per epoch and schedule unchanged"
+                        + (f"; optim.grad_accum={a} overridden" if a != ga else "") + ")")
+        return plan
+    g = world * b * a
+    if used % g:
+        hint = (f"data.batch_size x optim.grad_accum dividing {used // world}" if used % world == 0
+                else "another number of processes")
+        raise ConfigError(f"run.resize=rescale_lr: the checkpoint is {used} samples into epoch {epoch}, not a multiple "
+                          f"of the new global batch {g} ({layout_text(world, b, a)}); set run.resize=keep_global_batch "
+                          f"or use {hint}")
+    steps_per_epoch, in_epoch = loader_batches // a, used // g
+    plan["state"].update(epoch=epoch, step_in_epoch=in_epoch, step=epoch * steps_per_epoch + in_epoch)
+    plan["note"] = (f"resumed on another layout: {was} -> {layout_text(world, b, a)} (run.resize=rescale_lr: lr "
+                    f"{cfg.optim.lr * g0 / 256:g} -> {cfg.optim.lr * g / 256:g}; {used} samples into epoch {epoch} = "
+                    f"step {in_epoch} of {steps_per_epoch}; optimizer step {step} -> {plan['state']['step']})")
+    return plan
 
 
 def git_sha() -> str:
@@ -359,7 +437,12 @@ def cmd_train(cfg: Config) -> dict:
 
         loader = preview = BatchPreview(loader, cfg.run.show_every, show, cfg.data.mean, cfg.data.std,
                                         token_grid=token_grid(cfg))
-    d = derived(cfg, accelerator.num_processes, len(loader) // cfg.optim.grad_accum)
+    ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
+    plan = resume_layout(cfg, accelerator.num_processes, len(loader), ckpt)  # run.resize: another layout
+    grad_accum = plan["grad_accum"]
+    d = derived(cfg, accelerator.num_processes, len(loader) // grad_accum, grad_accum)
+    if plan["from"]:
+        d["resized_from"] = plan["from"]
     model = build_model(cfg, accelerator.num_processes)
     if cfg.data.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -372,12 +455,15 @@ def cmd_train(cfg: Config) -> dict:
     if crop is not None:  # the boxes are saved in every checkpoint and restored in place on resume
         register_state(accelerator, "ccrop", crop)
     resolved = {"config": cfg.to_dict(), "derived": d, "git_sha": git_sha()}
-    ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
     if ckpt is not None:  # safetensors + JSON only: nothing in the checkpoint is unpickled
         load_checkpoint(accelerator, ckpt, model, optimizer, {"train": state})
+        for k, v in plan["state"].items():  # the sample counts; with run.resize=rescale_lr, the new step units
+            setattr(state, k, v)
+        if plan["note"] and accelerator.is_main_process:
+            log.info(plan["note"])
         log.info("resumed from %s at epoch %d, step %d", ckpt, state.epoch, state.step)
         if preview is not None:  # the TensorBoard batch grids keep counting batches across the resume
-            preview.count = state.step * cfg.optim.grad_accum
+            preview.count = state.step * grad_accum
     if accelerator.is_main_process:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
         log.info("run %s: %s", run_dir, json.dumps(d))
@@ -392,7 +478,7 @@ def cmd_train(cfg: Config) -> dict:
     knn_init = state.monitors["knn_top1_init"]
     facts = fit(
         accelerator, model, optimizer, loader, state, run_dir=run_dir, config=resolved,
-        epochs=cfg.optim.epochs, base_lr=d["lr"], warmup_steps=d["warmup_steps"], grad_accum=cfg.optim.grad_accum,
+        epochs=cfg.optim.epochs, base_lr=d["lr"], warmup_steps=d["warmup_steps"], grad_accum=grad_accum,
         checkpoint_every=cfg.run.checkpoint_every, keep_checkpoints=cfg.run.keep_checkpoints,
         max_steps=cfg.run.max_steps, log_every=cfg.run.log_every, monitor=monitor,
         monitor_every=cfg.run.knn_every, progress=cfg.run.progress,
@@ -697,6 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--samples", type=int, default=8, help="rows: the first samples of the batch")
         parser.add_argument("--step", type=int, default=0, help="which batch of epoch 0")
     args = parser.parse_args(argv)
+    from mixmask.checkpoint import CheckpointWriteError
     from mixmask.export import ExportError
     from mixmask.report import ReportError
 
@@ -719,7 +806,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd_finetune(cfg, semisup=command == "semisup")
         else:
             cmd_eval(cfg, command)
-    except (ConfigError, DataError, FileNotFoundError, ExportError, ReportError) as e:
+    # one "error:" line and exit 2, never a traceback; FloatingPointError: a non-finite loss (the last checkpoint
+    # is the last good one); CheckpointWriteError: a checkpoint could not be written (a full disk...)
+    except (ConfigError, DataError, FileNotFoundError, ExportError, ReportError, CheckpointWriteError,
+            FloatingPointError) as e:
         print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return 2
     return 0

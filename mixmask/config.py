@@ -116,6 +116,7 @@ class RunConfig:
     checkpoint_every: int = 200  # optimizer steps between checkpoints (0 = only at epoch ends)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: bool = True  # continue from the run directory's last checkpoint if there is one
+    resize: Literal["keep_global_batch", "rescale_lr"] = "keep_global_batch"  # resuming with other processes/data.batch_size/grad_accum: keep the checkpoint's global batch (grad_accum adapts) or take the new one (lr rescaled); README "Reliability and scale"
     max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs); for smoke tests
     log_every: int = 10  # optimizer steps between scalar logs
     knn_every: int = 1  # epochs between kNN monitors (0 = only at the end)

@@ -5,8 +5,10 @@ The model is any framework of mixmask/frameworks (the engine calls only its inte
 micro-batches (gradients synchronised on the last one only), then the framework's momentum/EMA update,
 once. Parameter groups may carry ``lr_scale`` (lr = scale x the scheduled lr) and ``fixed_lr`` (never
 decayed). The steady-state step never waits for the device: losses are summed on the device and read
-(with the non-finite check) only at log steps; with several processes the stop-signal all-reduce also
-runs only at log steps.
+(with the non-finite check) only at log steps and before every checkpoint (a non-finite loss since the
+last read is a FloatingPointError, and save_checkpoint refuses non-finite weights: no checkpoint ever holds
+weights from after a non-finite loss); with several processes the stop-signal all-reduce also runs only at
+log steps. MIXMASK_FAULT (mixmask/faults.py, tests only) can kill the process or poison a step after it.
 Learning rate: linear warm-up then cosine decay to 0, computed from the optimizer step alone
 (``cosine_lr``), so it is exact on resume and needs no scheduler state. Checkpoints every
 ``checkpoint_every`` steps and at each epoch end hold everything needed to continue bit-for-bit:
@@ -42,7 +44,9 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from mixmask import faults
 from mixmask.checkpoint import save_checkpoint
+from mixmask.indexlog import IndexLog
 
 
 @dataclass
@@ -52,6 +56,8 @@ class TrainState:
     epoch: int = 0  # current epoch (0-based)
     step: int = 0  # optimizer steps done in total
     step_in_epoch: int = 0  # optimizer steps done in the current epoch
+    samples: int = 0  # samples consumed in total, all processes (the data position, whatever the layout)
+    epoch_samples: int = 0  # samples consumed in the current epoch: step_in_epoch x the global batch
     monitors: dict = field(default_factory=dict)  # the caller's monitor values (e.g. before training, latest)
 
     def state_dict(self) -> dict:
@@ -141,6 +147,12 @@ class Meter:
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.steps, self.images = self.steps + 1, self.images + images
 
+    def check(self, step: int) -> None:
+        """FloatingPointError if a loss since the last read is non-finite (one sync: before a checkpoint)."""
+        if self.steps and not math.isfinite(loss := float(self.sums["loss"])):
+            raise FloatingPointError(f"loss is {loss} at a step in {self.first}..{step}; "
+                                     "lower optim.lr or check the data")
+
     def read(self, step: int) -> dict[str, float]:
         means = dict(zip(self.sums, torch.stack(list(self.sums.values())).div(self.steps).tolist()))
         if not math.isfinite(means["loss"]):
@@ -184,6 +196,7 @@ def fit(
     total_steps = epochs * steps_per_epoch
     end_step = min(total_steps, max_steps) if max_steps else total_steps
     start_step, net = state.step, accelerator.unwrap_model(model)
+    trace = IndexLog.from_env(run_dir, accelerator.process_index)  # MIXMASK_LOG_INDICES=1: indices per step
     meter, stop, last = Meter(start_step, warm=start_step + max(2, (end_step - start_step) // 20)), StopOnSignal(), {}
     bar = tqdm(total=end_step, initial=state.step, desc="train", unit="step",
                disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
@@ -195,6 +208,7 @@ def fit(
                 f.write(json.dumps({"step": state.step, "epoch": state.epoch, "time": time.time(), **values}) + "\n")
 
     def checkpoint() -> None:
+        meter.check(state.step)  # never a checkpoint of weights from after a non-finite loss
         save_checkpoint(accelerator, run_dir, state.step, config, keep_checkpoints, model=model, optimizer=optimizer,
                         states={"train": state})  # + the states of mixmask.checkpoint.register_state
         meter.restart_clock()  # checkpoint (and monitor) time is not training time
@@ -216,12 +230,16 @@ def fit(
                 model.train()
                 meter.restart_clock()  # not training time
             loader.set_epoch(state.epoch, state.step_in_epoch * grad_accum)
-            batches = iter(loader)
+            batches = iter(loader) if trace is None else trace.wrap(iter(loader))
             while state.step_in_epoch < steps_per_epoch and state.step < end_step:
                 lr = cosine_lr(state.step, total_steps, warmup_steps, base_lr)
                 set_lr(optimizer, lr, base_lr)
                 parts, images = train_step(accelerator, model, optimizer, batches, grad_accum)
                 state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
+                faults.after_step(state.step, net, parts)  # MIXMASK_FAULT (tests only): a no-op unless set
+                state.samples, state.epoch_samples = state.samples + images, state.epoch_samples + images
+                if trace is not None:
+                    trace.write(state.epoch, state.step)
                 net.after_step(state.step, total_steps)
                 meter.add(parts, images)
                 at_log = state.step % log_every == 0 or state.step == end_step or state.step - start_step <= 3
@@ -238,7 +256,7 @@ def fit(
                     checkpoint()
             meter.pause()
             if state.step_in_epoch == steps_per_epoch:
-                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                state.epoch, state.step_in_epoch, state.epoch_samples = state.epoch + 1, 0, 0
                 if monitor is not None and monitor_every and state.epoch % monitor_every == 0 \
                         and state.epoch < epochs and not stop.requested:
                     values = monitor()

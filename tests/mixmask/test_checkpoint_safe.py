@@ -166,7 +166,7 @@ def is_safetensors(data: bytes) -> bool:
 def test_no_file_is_a_pickle_and_loading_never_unpickles(tmp_path, monkeypatch):
     acc, ckpt, _, _ = saved_run(tmp_path, "adamw")
     names = sorted(p.name for p in ckpt.iterdir())
-    assert names == ["config.json", "model.safetensors", "optimizer.json", "optimizer.safetensors",
+    assert names == ["config.json", "manifest.json", "model.safetensors", "optimizer.json", "optimizer.safetensors",
                      "rng_0.json", "rng_0.safetensors", "state.json", "state.safetensors"]
     for p in ckpt.iterdir():
         data = p.read_bytes()
