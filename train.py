@@ -385,14 +385,6 @@ def cmd_write_beton(cfg: Config, overwrite: bool) -> int:
     return 0
 
 
-def log_metrics(accelerator, run_dir: Path, state, values: dict) -> None:
-    """Values outside the training loop (kNN before and after it) to TensorBoard and metrics.jsonl, like fit's."""
-    accelerator.log(values, step=state.step)
-    if accelerator.is_main_process:
-        with (run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": state.step, "epoch": state.epoch, "time": time.time(), **values}) + "\n")
-
-
 def exit_if_interrupted(accelerator, facts: dict, state, run_dir: Path) -> None:
     """After fit: a run stopped by a signal (its checkpoint written) exits with 128 + the signal."""
     if facts["interrupted"]:
@@ -407,7 +399,7 @@ def cmd_train(cfg: Config) -> dict:
     from accelerate.utils import set_seed
 
     from mixmask.checkpoint import latest_checkpoint, load_checkpoint, register_state
-    from mixmask.engine import TrainState, fit
+    from mixmask.engine import TrainState, fit, log_metrics
 
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -585,7 +577,7 @@ def cmd_finetune(cfg: Config, semisup: bool) -> dict:
     as <tag>.json."""
     from loaders.folder import label_subset, load_subset, save_subset
     from mixmask.checkpoint import latest_checkpoint, load_checkpoint, resolve_weights
-    from mixmask.engine import TrainState, fit
+    from mixmask.engine import TrainState, fit, log_metrics
     from mixmask.evaluation import top1_accuracy
     from mixmask.frameworks.supervised import Supervised
     from mixmask.optim import build_optimizer

@@ -102,3 +102,13 @@ def run_cli(main) -> None:
         sys.exit(main())
     except DataError as e:
         sys.exit(f"error: {e}")
+
+
+def write_section(path: str | Path, markers: tuple[str, str], text: str) -> None:
+    """Replace what lies between the two marker lines of a generated section (README.md, docs/*.md) by text."""
+    path = Path(path)
+    doc = path.read_text()
+    if markers[0] not in doc or markers[1] not in doc:
+        raise SystemExit(f"error: {path} has no {markers[0]} ... {markers[1]} section")
+    start, end = doc.index(markers[0]) + len(markers[0]), doc.index(markers[1])
+    path.write_text(doc[:start] + "\n" + text + doc[end:])

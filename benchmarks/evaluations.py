@@ -30,7 +30,7 @@ import os
 import sys
 from pathlib import Path
 
-from benchmarks import machine
+from benchmarks import machine, write_section
 from benchmarks.frameworks import run_logged
 
 MARKERS = ("<!-- evaluations:start -->", "<!-- evaluations:end -->")
@@ -150,9 +150,7 @@ def main(argv=None) -> int:
     print(md)
     (out / "evaluations.md").write_text(md)
     if a.readme:
-        readme = Path(a.readme).read_text()
-        start, end = readme.index(MARKERS[0]) + len(MARKERS[0]), readme.index(MARKERS[1])
-        Path(a.readme).write_text(readme[:start] + "\n" + md + readme[end:])
+        write_section(a.readme, MARKERS, md)
     (out / "evaluations.json").write_text(json.dumps({"machine": facts, "args": vars(a), "checkpoint": str(ckpt),
                                                       "pretrain": {k: pre.get(k) for k in ("epochs", "knn_top1_init", "knn_top1")},
                                                       "runs": rows}, indent=2))

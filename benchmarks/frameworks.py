@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import machine, mean_std
+from benchmarks import machine, mean_std, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 MARKERS = ("<!-- frameworks:start -->", "<!-- frameworks:end -->")
@@ -92,9 +92,7 @@ def main(argv=None) -> int:
     print(md)
     (out / "frameworks.md").write_text(md)
     if a.readme:
-        readme = Path(a.readme).read_text()
-        start, end = readme.index(MARKERS[0]) + len(MARKERS[0]), readme.index(MARKERS[1])
-        Path(a.readme).write_text(readme[:start] + "\n" + md + readme[end:])
+        write_section(a.readme, MARKERS, md)
     (out / "frameworks.json").write_text(json.dumps({"machine": facts, "args": vars(a), "runs": rows,
                                                      "table": table}, indent=2))
     return 0

@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import machine, mean_std
+from benchmarks import machine, mean_std, write_section
 from benchmarks.frameworks import run_logged
 
 FIGURES = ("knn_top1_init", "knn_top1", "linear_top1", "images_per_sec", "train_seconds")
@@ -161,10 +161,7 @@ def main(argv=None) -> int:
     (out / f"{suite}.md").write_text(md)
     if a.readme:
         shutil.copy(out / f"{suite}.png", docs / f"{suite}.png")
-        readme = Path(a.readme).read_text()
-        start_m, end_m = markers(suite)
-        start, end = readme.index(start_m) + len(start_m), readme.index(end_m)
-        Path(a.readme).write_text(readme[:start] + "\n" + md + readme[end:])
+        write_section(a.readme, markers(suite), md)
     (out / f"{suite}.json").write_text(json.dumps({"machine": facts, "args": vars(a), "runs": rows, "table": table},
                                                   indent=2))
     return 0

@@ -90,6 +90,16 @@ class StopOnSignal:
             signal.signal(s, h)
 
 
+def log_metrics(accelerator: Accelerator, run_dir: Path, state: TrainState, values: dict) -> None:
+    """values at the current step to the trackers (TensorBoard) and, on the main process, a metrics.jsonl line
+    {"step", "epoch", "time" (unix s), **values}: fit's log steps and monitors, and the caller's values outside
+    the loop (kNN before and after training)."""
+    accelerator.log(values, step=state.step)
+    if accelerator.is_main_process:
+        with (run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": state.step, "epoch": state.epoch, "time": time.time(), **values}) + "\n")
+
+
 def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
     """Linear warm-up over ``warmup_steps`` then half-cosine from base_lr to 0 at ``total_steps``."""
     if step < warmup_steps:
@@ -202,10 +212,7 @@ def fit(
                disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
 
     def log(values: dict) -> None:
-        accelerator.log(values, step=state.step)
-        if accelerator.is_main_process:
-            with (run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps({"step": state.step, "epoch": state.epoch, "time": time.time(), **values}) + "\n")
+        log_metrics(accelerator, run_dir, state, values)
 
     def checkpoint() -> None:
         meter.check(state.step)  # never a checkpoint of weights from after a non-finite loss
