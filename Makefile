@@ -52,10 +52,11 @@ QUICK ?=
 bench: setup
 	$(PY) -m benchmarks --out bench-out $(if $(QUICK),--quick,)
 
-# docs/performance.md's benchmark section from the last `make bench` (copies the chart to docs/).
+# docs/performance.md's benchmark section from a `make bench` run (copies its chart to docs/); a run on a GPU
+# (BENCH=<the bench.json of benchmarks/gpu_session.sh>) goes to the GPU section and docs/bench-gpu.png.
+BENCH ?= bench-out/bench.json
 bench-readme: setup
-	cp bench-out/bench.png docs/bench.png
-	$(PY) -m benchmarks.report bench-out/bench.json --readme docs/performance.md --chart docs/bench.png
+	$(PY) -m benchmarks.report $(BENCH) --readme docs/performance.md --copy-chart
 
 bench-loaders: setup
 	$(PY) -m benchmarks.loaders --json bench-out/loaders.json

@@ -190,8 +190,22 @@ def build_model(cfg: Config, world: int):
 
     from mixmask.frameworks import FRAMEWORKS
 
-    return FRAMEWORKS[cfg.model.framework](cfg.framework, arch=backbone_spec(cfg), seed=cfg.run.seed,
-                                           group=dist.group.WORLD if world > 1 else None)
+    model = FRAMEWORKS[cfg.model.framework](cfg.framework, arch=backbone_spec(cfg), seed=cfg.run.seed,
+                                            group=dist.group.WORLD if world > 1 else None)
+    model.batch_views = cfg.model.batch_views  # views in one forward, BN statistics per view (frameworks/base.py)
+    return model
+
+
+def compile_model(cfg: Config, model):
+    """model.compile's torch.compile of the framework's networks, in place (state_dict keys, checkpoints and
+    resume are unchanged; frameworks/base.compile_networks); returns the model. After channels_last."""
+    if cfg.model.compile != "none":
+        from mixmask.frameworks.base import compile_networks
+
+        compiled = compile_networks(model, cfg.model.compile, cfg.model.compile_dynamic, cfg.model.compile_backend)
+        log.info("torch.compile (%s, %s, dynamic=%s): %s", cfg.model.compile, cfg.model.compile_backend,
+                 cfg.model.compile_dynamic, ", ".join(compiled))
+    return model
 
 
 def make_optimizer(cfg: Config, model, lr: float):
@@ -232,28 +246,53 @@ def watched(build):
 
 @watched
 def eval_loader(cfg: Config, accelerator, root: Path, split: str, transform=None):
-    """One centre-cropped view per image (resize the shorter side to data.eval_resize, crop data.image_size),
-    decoded once, through data.backend; padded shards (callers drop repeats by index). ``transform``: a
-    torchvision transform instead (ContrastiveCrop's whole-image pass), read by the torchvision loader."""
+    """One centre-cropped view per image (resize the shorter side to data.eval_resize, crop data.eval_size, else
+    data.image_size), decoded once, through data.backend; padded shards (callers drop repeats by index).
+    ``transform``: a torchvision transform instead (ContrastiveCrop's whole-image pass), read by the torchvision
+    loader."""
     d, rank, world = cfg.data, accelerator.process_index, accelerator.num_processes
-    stage, resize = make_stage(cfg, accelerator, masking=False), d.eval_resize or round(d.image_size * 8 / 7)
+    size = d.eval_size or d.image_size
+    stage, resize = make_stage(cfg, accelerator, masking=False), d.eval_resize or round(size * 8 / 7)
     if transform is None and d.backend == "dali":
         from loaders.dali_backend import DaliEvalLoader
 
-        return DaliEvalLoader(index_split(root, split), d.image_size, resize, stage, d.batch_size, rank, world,
+        return DaliEvalLoader(index_split(root, split), size, resize, stage, d.batch_size, rank, world,
                               threads=max(1, d.workers), device=accelerator.device)
     if transform is None and d.backend == "ffcv":
         from loaders.ffcv_backend import FfcvEvalLoader
 
-        return FfcvEvalLoader(beton(cfg, accelerator, root, split), d.image_size, resize, stage, d.batch_size, rank,
+        return FfcvEvalLoader(beton(cfg, accelerator, root, split), size, resize, stage, d.batch_size, rank,
                               world, workers=d.workers, device=accelerator.device)
-    return TorchvisionEvalLoader(index_split(root, split), transform or eval_transform(d.image_size, resize), stage,
+    return TorchvisionEvalLoader(index_split(root, split), transform or eval_transform(size, resize), stage,
                                  batch_size=d.batch_size, rank=rank, world=world, workers=d.workers, seed=cfg.run.seed,
                                  device=accelerator.device)
 
 
+def pretrain_aug(cfg: Config, crop_alpha: float = 0.0) -> AugParams:
+    """The pretraining views: the data section's recipe and its progressive resolution (data.size_start,
+    size_ramp, size_step: the loaders make epoch e's views at aug.size_at(e), mixmask/resolution.py)."""
+    d = cfg.data
+    return AugParams(d.image_size, d.crop_scale, d.crop_ratio, d.flip_p, d.jitter, d.jitter_p, d.gray_p, d.blur_p,
+                     d.blur_sigma, d.solarize_p, crop_alpha=crop_alpha, size_start=d.size_start,
+                     size_ramp=d.size_ramp, size_step=d.size_step)
+
+
+def size_schedule_text(cfg: Config) -> str:
+    """'16 px epochs 0-3, 24 px epoch 4, 32 px epochs 5-9': the view side of every epoch, as runs."""
+    from mixmask.resolution import view_sizes
+
+    d, runs = cfg.data, []
+    for e, s in enumerate(view_sizes(cfg.optim.epochs, d.image_size, d.size_start, d.size_ramp, d.size_step)):
+        if runs and runs[-1][0] == s:
+            runs[-1][2] = e
+        else:
+            runs.append([s, e, e])
+    return ", ".join(f"{s} px epoch{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''}" for s, a, b in runs)
+
+
 def one_view_aug(cfg: Config, crop_scale: tuple[float, float]) -> AugParams:
-    """RandomResizedCrop + horizontal flip, no colour: the views of fine-tuning and the augmented linear probe."""
+    """RandomResizedCrop + horizontal flip, no colour: the views of fine-tuning and the augmented linear probe,
+    at data.image_size every epoch (progressive resolution is pretraining's: its epochs are optim.epochs)."""
     d = cfg.data
     return AugParams(d.image_size, crop_scale, d.crop_ratio, 0.5, (0.0, 0.0, 0.0, 0.0), 0.0, 0.0, 0.0, d.blur_sigma, 0.0)
 
@@ -414,11 +453,9 @@ def cmd_train(cfg: Config) -> dict:
         from mixmask.crops import ContrastiveCrop
 
         crop = ContrastiveCrop(cfg.ccrop, len(train_index))
-    aug = AugParams(
-        cfg.data.image_size, cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.flip_p, cfg.data.jitter,
-        cfg.data.jitter_p, cfg.data.gray_p, cfg.data.blur_p, cfg.data.blur_sigma, cfg.data.solarize_p,
-        crop_alpha=cfg.ccrop.alpha if crop else 0.0,
-    )
+    aug = pretrain_aug(cfg, crop_alpha=cfg.ccrop.alpha if crop else 0.0)
+    if cfg.data.size_start and accelerator.is_main_process:
+        log.info("progressive resolution: %s", size_schedule_text(cfg))
     loader = train_loader(cfg, accelerator, train_index, aug, boxes=crop.table if crop else None)
     preview = None
     if cfg.run.show_every and accelerator.is_main_process:  # the batch as the model sees it, in TensorBoard
@@ -438,6 +475,7 @@ def cmd_train(cfg: Config) -> dict:
     model = build_model(cfg, accelerator.num_processes)
     if cfg.data.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    compile_model(cfg, model)
     optimizer = make_optimizer(cfg, model, d["lr"])
     model, optimizer = accelerator.prepare(model, optimizer)
     saliency = getattr(loader.stage.mixer, "saliency", None)
@@ -516,6 +554,9 @@ def load_pretrained(cfg: Config, accelerator):
         if is_vit(saved["model"]["arch"]):  # a ViT's positional embedding fixes the image size
             stored_sections["data"] = {"image_size": saved["data"]["image_size"]}
         apply_overrides(cfg, stored_sections, str(stored))
+        if is_vit(cfg.model.arch) and cfg.data.eval_size not in (0, cfg.data.image_size):
+            raise ConfigError(f"data.eval_size={cfg.data.eval_size}: the checkpoint is a ViT ({cfg.model.arch}) whose "
+                              f"positional embedding fixes its input side at {cfg.data.image_size}; set data.eval_size=0")
     model = build_model(cfg, 1)
     state = load_file(str(weights))
     try:
@@ -689,9 +730,7 @@ def cmd_show_batch(cfg: Config, out: str, samples: int, step: int) -> int:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     root = data_root(cfg, accelerator)
     index = index_split(root, "train")
-    aug = AugParams(cfg.data.image_size, cfg.data.crop_scale, cfg.data.crop_ratio, cfg.data.flip_p, cfg.data.jitter,
-                    cfg.data.jitter_p, cfg.data.gray_p, cfg.data.blur_p, cfg.data.blur_sigma, cfg.data.solarize_p)
-    loader = train_loader(cfg, accelerator, index, aug)
+    loader = train_loader(cfg, accelerator, index, pretrain_aug(cfg))
     loader.set_epoch(0, step)
     batch = next(iter(loader))
     path = Path(out) if out else Path(cfg.run.out_dir) / cfg.run.name / "batch.png"

@@ -61,7 +61,7 @@ def chart(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 5), gridspec_kw={"width_ratios": [5, 4, 2.2]})
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(18, 5.5), gridspec_kw={"width_ratios": [5, 6, 2.2]})
     rows = result["loaders"]
     names = list(dict.fromkeys(r["backend"] for r in rows))
     w = 0.38
@@ -78,7 +78,7 @@ def chart(result: dict, path: Path) -> None:
     a.legend(loc="upper left")
     a.set_ylim(0, 1.15 * max(r.get("max", r["images_per_sec"]) for r in rows))
     t = result["training"]
-    labels = [f"{r['feed']}{'' if r['mixmask'] else chr(10) + '(MixMask off)'}" for r in t]
+    labels = [f"{r['feed']}\n{r.get('variant', 'mixmask' if r['mixmask'] else 'plain')}" for r in t]
     bars = b.bar(range(len(t)), [r["images_per_sec"] for r in t], yerr=_errbars(t), capsize=3,
                  color=["#555" if r["feed"] == "synthetic" else "#2a7" for r in t])
     b.bar_label(bars, labels=[f"{r['images_per_sec']:.0f}\n{r['share_of_ceiling']:.2f}x" for r in t], fontsize=7,
@@ -130,16 +130,23 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="timed training steps per run")
     ap.add_argument("--train-repeats", type=int, default=5, help="timed runs per training row")
     ap.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
+    ap.add_argument("--variants", help="training-step variants (benchmarks/training.py; default: all but cudagraphs, "
+                    "--quick: mixmask,plain,mixmask+batch_views)")
+    ap.add_argument("--epoch-sizes", help="demo-epoch rows: view sizes ('' = none; CPU only; default 24,32, --quick: none)")
     ap.add_argument("--kernel-n", type=int, default=256, help="kernel benchmark batch (224 px)")
     a = ap.parse_args(argv)
+    from benchmarks import kernels, loaders, report, training
+
     if a.quick:
         a.images, a.size, a.batch, a.repeats = 64, 64, 16, 2
         a.arch, a.train_size, a.train_batch, a.steps, a.train_repeats, a.kernel_n = "resnet10", 32, 8, 2, 2, 4
+    if a.variants is None:  # compiling takes minutes on 2 cores: not in the quick variant unless asked for
+        a.variants = "mixmask,plain,mixmask+batch_views" if a.quick else training.ALL_VARIANTS
+    if a.epoch_sizes is None:
+        a.epoch_sizes = "" if a.quick else "24,32"
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     backends = installed_backends()
-
-    from benchmarks import kernels, loaders, report, training
 
     root = data_root(a.data, a.images, a.cores, Path(a.cache))
     ksize, kreps = (32, 3) if a.quick else (224, 7)
@@ -157,10 +164,17 @@ def main(argv=None) -> int:
     print("== training", flush=True)
     targs = argparse.Namespace(arch=a.arch, size=a.train_size, batch=a.train_batch, steps=a.steps,
                                warmup=1 if a.quick else 2, repeats=a.train_repeats, precision=a.precision,
+                               variants=a.variants,
                                backends=",".join(b for b in backends if b in ("torchvision", "dali", "ffcv-jpg")),
                                device=a.device, cores=a.cores)
     train_rows = training.run(targs, root)
     training.print_rows(train_rows, targs)
+    epochs = []
+    if a.epoch_sizes and a.device == "cpu":
+        print("== demo epochs by view size (progressive resolution)", flush=True)
+        epochs = training.epoch_rows([int(s) for s in a.epoch_sizes.split(",")], a.train_repeats, 64, a.cores,
+                                     a.device, a.precision)
+        training.print_epochs(epochs)
     print("== kernel, burst 3 of 3", flush=True)
     bursts.append(kernels.measure(a.kernel_n, ksize, dtypes, kreps, 0))
     kernel_rows = kernels.merge_bursts(bursts)
@@ -169,11 +183,11 @@ def main(argv=None) -> int:
     lres = json.loads(lj.read_text())
     best = max((r for r in train_rows if r["feed"] != "synthetic"), key=lambda r: r["share_of_ceiling"], default=None)
     if best:
-        print(f"best loader: {best['feed']} keeps the training step at {best['share_of_ceiling']:.2f} of its "
+        print(f"best loader: {best['feed']} ({best['variant']}) keeps the training step at {best['share_of_ceiling']:.2f} of its "
               f"model-only ceiling (target on a GPU: >= {TARGET_SHARE})")
     result = {"machine": machine(), "args": vars(a), "dataset": lres["dataset"], "loaders": lres["results"],
-              "kernels": kernel_rows, "training": train_rows,
-              "best_loader": {"feed": best["feed"], "share_of_ceiling": best["share_of_ceiling"],
+              "kernels": kernel_rows, "training": train_rows, "epochs": epochs,
+              "best_loader": {"feed": best["feed"], "variant": best["variant"], "share_of_ceiling": best["share_of_ceiling"],
                               "target": TARGET_SHARE} if best else None}
     path = out / "bench.json"
     if path.exists():  # the previous run, kept for the comparison below

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+GPU_START, GPU_END = "<!-- bench-gpu:start -->", "<!-- bench-gpu:end -->"  # runs on a GPU have their own section
 
 
 def _rng(r: dict, fmt: str = "{:.0f}") -> str:
@@ -46,8 +47,8 @@ def render(b: dict, chart: str = "") -> str:
         "| share of ceiling |",
         "|---|---|---|---|---|---|---|",
     ]
-    train = {r["feed"]: r for r in b["training"] if r["mixmask"]}
-    syn_off = next((r for r in b["training"] if r["feed"] == "synthetic" and not r["mixmask"]), None)
+    train = {r["feed"]: r for r in b["training"] if variant(r) == "mixmask"}
+    syn_off = next((r for r in b["training"] if r["feed"] == "synthetic" and variant(r) == "plain"), None)
     ceil = train.get("synthetic")
     if ceil:
         lines.append(f"| synthetic batch (model-only ceiling) | | | | | {_rng(ceil, '{:.1f}')} | 1.00 |")
@@ -74,13 +75,49 @@ def render(b: dict, chart: str = "") -> str:
             parts.append(f"{r['dtype']} {r['fused_ms']:.2f} ms{noise}, {r['fused_over_copy']:.2f} of a copy{torch_x}")
         lines += ["", f"Fused normalise + mix kernel in the same run ({ks[0]['n']} x {ks[0]['size']} x {ks[0]['size']}, "
                   f"{backend.upper()}, ms median (min-max)): " + "; ".join(parts) + "."]
+    lines += ["", *training_table(b)]
+    if b.get("epochs"):
+        lines += ["", *epoch_table(b["epochs"])]
     best = b.get("best_loader")
     if best:
-        lines += ["", f"Best loader in the training step: {best['feed']}, at {best['share_of_ceiling']:.2f} of the model-only "
-                  f"ceiling (target on a GPU: >= {best['target']})."]
+        lines += ["", f"Best loader in the training step: {best['feed']} ({best.get('variant', 'mixmask')}), at "
+                  f"{best['share_of_ceiling']:.2f} of the model-only ceiling (target on a GPU: >= {best['target']})."]
     if chart:
         lines += ["", f"Chart of this run: `{chart}`."]
     return "\n".join(lines)
+
+
+def variant(r: dict) -> str:
+    """A training row's variant (runs before the variants had only MixMask on/off)."""
+    return r.get("variant", "mixmask" if r["mixmask"] else "plain")
+
+
+def training_table(b: dict) -> list[str]:
+    """The training step by variant and feed: img/s, share of the same variant's synthetic ceiling, the
+    host's ms per step outside the device work against the step's ms, the first step (compilation)."""
+    rows = b["training"]
+    lines = ["Training step by option (benchmarks/training.py; variant = MixMask on/off + options; share = of the "
+             "same variant's synthetic-feed ceiling; host ms: the step's time outside the device work):", "",
+             "| feed | variant | img/s median (min-max) | share of ceiling | host ms / step ms | first step s |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        host = "-" if r.get("host_ms") is None else f"{r['host_ms']:.1f}"
+        step = f"{r['step_ms']:.1f}" if "step_ms" in r else "-"
+        first = f"{r['first_step_s']:.1f}" if "first_step_s" in r else "-"
+        lines.append(f"| {r['feed']} | {variant(r)} | {_rng(r, '{:.1f}')} | {r['share_of_ceiling']:.2f} | "
+                     f"{host} / {step} | {first} |")
+    return lines
+
+
+def epoch_table(rows: list[dict]) -> list[str]:
+    """Progressive resolution's effect: one demo epoch at each view size."""
+    lines = [f"One demo epoch ({rows[0]['images']} images, torchvision loader + the demo's ResNet-10 step) by view "
+             "size, the input of progressive resolution (data.size_start):", "",
+             "| view px | epoch s median (min-max) | img/s | of the largest size's epoch |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['size']} | {r['epoch_s']:.1f} ({r['min']:.1f}-{r['max']:.1f}) | {r['images_per_sec']:.0f} | "
+                     f"{r['vs_full']:.2f} |")
+    return lines
 
 
 def figures(b: dict) -> dict[str, dict]:
@@ -90,7 +127,9 @@ def figures(b: dict) -> dict[str, dict]:
         return {"median": med, "min": r.get("min", med), "max": r.get("max", med), "unit": "img/s"}
 
     out = {f"loader {r['backend']} mixmask {'on' if r['mixmask'] else 'off'}": ips(r) for r in b["loaders"]}
-    out |= {f"training {r['feed']} mixmask {'on' if r['mixmask'] else 'off'}": ips(r) for r in b["training"]}
+    out |= {f"training {r['feed']} {variant(r)}": ips(r) for r in b["training"]}
+    out |= {f"demo epoch {r['size']} px": {"median": r["epoch_s"], "min": r["min"], "max": r["max"], "unit": "s"}
+            for r in b.get("epochs", [])}
     for r in b["kernels"]:
         name = f"kernel {r['backend']} {r.get('variant', r.get('threads', ''))} {r['dtype']}".replace("  ", " ")
         out[name] = {"median": r["fused_ms"], "min": r.get("fused_ms_min", r["fused_ms"]),
@@ -123,20 +162,20 @@ def print_comparison(rows: list[dict], label_a: str = "this run", label_b: str =
     print(f"{n_ok} of {len(rows)} figures within the other run's noise (min-max ranges overlap)")
 
 
-def update_readme(readme: Path, text: str) -> None:
-    s = readme.read_text()
-    if START not in s or END not in s:
-        raise SystemExit(f"{readme} has no {START} ... {END} section")
-    head, rest = s.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+def update_readme(readme: Path, text: str, gpu: bool = False) -> None:
+    """Replace the CPU section (or, for a run on a GPU, the GPU section) of readme by text."""
+    from benchmarks import write_section
+
+    write_section(readme, (GPU_START, GPU_END) if gpu else (START, END), text + "\n")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bench_json")
     ap.add_argument("--readme", help="markdown file to update in place (docs/performance.md)")
-    ap.add_argument("--chart", default="", help="path of the chart to mention")
+    ap.add_argument("--chart", default="", help="path of the chart to mention; with --copy-chart, where the run's "
+                    "bench.png is copied (default docs/bench.png, docs/bench-gpu.png for a GPU run)")
+    ap.add_argument("--copy-chart", action="store_true", help="copy bench.png from beside the JSON to --chart")
     ap.add_argument("--compare", metavar="OTHER_JSON", help="another run's bench.json: figures side by side")
     a = ap.parse_args(argv)
     bench = json.loads(Path(a.bench_json).read_text())
@@ -144,10 +183,16 @@ def main(argv=None) -> int:
         print_comparison(compare(bench, json.loads(Path(a.compare).read_text())), Path(a.bench_json).stem,
                          Path(a.compare).stem)
         return 0
+    gpu = bool(bench["machine"].get("gpu"))
+    if a.copy_chart:
+        import shutil
+
+        a.chart = a.chart or ("docs/bench-gpu.png" if gpu else "docs/bench.png")
+        shutil.copyfile(Path(a.bench_json).with_name("bench.png"), a.chart)
     text = render(bench, a.chart)
     if a.readme:
-        update_readme(Path(a.readme), text)
-        print(f"updated {a.readme}")
+        update_readme(Path(a.readme), text, gpu)
+        print(f"updated the {'GPU ' if gpu else ''}section of {a.readme}")
     else:
         print(text)
     return 0

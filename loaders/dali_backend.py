@@ -144,11 +144,12 @@ def _same_shape(outs, ins):
         outs[0][s][:] = ins[0][s]
 
 
-def _view(images, p, size: int, gpu: bool):
-    """One MoCo v2 view of the decoded images, from per-sample parameter inputs p (DataNodes)."""
+def _view(images, p, size, gpu: bool):
+    """One MoCo v2 view of the decoded images, from per-sample parameter inputs p (DataNodes); size: a per-sample
+    (2,) float32 input (the epoch's side twice), so the side may change between batches without a rebuild."""
     from nvidia.dali import fn, types
 
-    v = fn.resize(images, size=[size, size], roi_start=p["roi"][0:2], roi_end=p["roi"][2:4],
+    v = fn.resize(images, size=size, roi_start=p["roi"][0:2], roi_end=p["roi"][2:4],
                   roi_relative=True, antialias=True, interp_type=types.INTERP_LINEAR)
     if gpu:  # DALI's own colour and blur operators (its numba GPU operator rejects CUDA 13)
         if p["jitter_on"] == 1:
@@ -177,17 +178,17 @@ def _decode(data, device_id, hw_decoder_load: float):
                              adjust_orientation=False, **decoder)
 
 
-def _train_pipeline(source, size: int, batch_size: int, threads: int, device_id, seed: int,
+def _train_pipeline(source, batch_size: int, threads: int, device_id, seed: int,
                     prefetch: int, hw_decoder_load: float, views: int = 2):
-    """Decode once, then `views` MoCo v2 views from the feeder's per-view parameter inputs."""
+    """Decode once, then `views` MoCo v2 views from the feeder's inputs: bytes, the view side, per-view parameters."""
     from nvidia.dali import fn, pipeline_def
 
     @pipeline_def(enable_conditionals=True)
     def pipe():
         names = _VIEW_INPUTS if device_id is None else _GPU_VIEW_INPUTS
-        outs = fn.external_source(source=source, num_outputs=1 + views * len(names), batch=True)
+        outs = fn.external_source(source=source, num_outputs=2 + views * len(names), batch=True)
         images = _decode(outs[0], device_id, hw_decoder_load)
-        return tuple(_view(images, dict(zip(names, outs[1 + v * len(names): 1 + (v + 1) * len(names)])), size,
+        return tuple(_view(images, dict(zip(names, outs[2 + v * len(names): 2 + (v + 1) * len(names)])), outs[1],
                            gpu=device_id is not None) for v in range(views))
 
     return pipe(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
@@ -296,9 +297,11 @@ def _read(paths: Sequence[str], i: int, bad: dict[str, str]) -> tuple[int, np.nd
 class _Feeder:
     """The training pipeline's external source: this rank's batches, in order, epoch after epoch.
 
-    Each call returns the next batch [bytes, view-0 parameters..., (view-1 parameters...)] and appends
-    (epoch, batch, paths, labels, indices) to ``pending``; after an epoch's last batch it goes on with
-    the next epoch, so the pipeline prefetches across epoch boundaries and is built once per run.
+    Each call returns the next batch [bytes, view side, view-0 parameters..., (view-1 parameters...)] and
+    appends (epoch, batch, paths, labels, indices) to ``pending``; after an epoch's last batch it goes on
+    with the next epoch, so the pipeline prefetches across epoch boundaries and is built once per run.
+    The view side is aug.size_at(epoch) of the batch's own epoch (progressive resolution), a per-sample
+    input of the resize: a size change costs no rebuild and keeps the prefetched batches valid.
     indices: (m,) the folder positions drawn from (loaders/sharding.draw_from).
     """
 
@@ -339,7 +342,8 @@ class _Feeder:
         boxes, alpha = None, 0.0  # plain RandomResizedCrop until the box table is active
         if self.boxes is not None and self.aug.crop_alpha > 0 and self.boxes.active:
             boxes, alpha = self.boxes.array[read_idx], self.aug.crop_alpha  # (N, 4): the boxes of the images read
-        out = [data]
+        side = np.full(2, self.aug.size_at(self.epoch), np.float32)  # (2,) the resize's per-sample size input
+        out = [data, [side] * len(idx)]
         for view in range(self.views):
             vb = draw_views(self.aug, self.seed, self.epoch, idx, sizes, view, colour="colour_m" in self.inputs,
                             boxes=boxes, alpha=alpha)
@@ -485,7 +489,7 @@ class DaliTrainLoader(_DaliLoader):
         self.pipe = None
         self.feeder.start(self.epoch, batch_index)
         self._box_version = self._boxes_version()
-        self.pipe = _train_pipeline(self.feeder, self.aug.size, self.batch_size, self.threads, self._device_id(),
+        self.pipe = _train_pipeline(self.feeder, self.batch_size, self.threads, self._device_id(),
                                     self.seed, self.prefetch, self.hw_decoder_load, self.views)
         self.pipe.build()
 

@@ -171,10 +171,14 @@ def ensure_beton(root: Path, split: str, out_dir: Path, **kw) -> Path:
 
 def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, positions: np.ndarray,
                  views: tuple[int, ...] = (0, 1), boxes: np.ndarray | None = None,
-                 active_cell: np.ndarray | None = None):
+                 active_cell: np.ndarray | None = None, size_cell: np.ndarray | None = None):
     """An FFCV decoder Operation (built lazily: ffcv is optional): decodes each image once and emits
     the given views, (len(views), S, S, 3). views=(0, 1) is the decode-once two-view decoder, (0,) the
     one-view one; two pipelines with views (0,) and (1,) over the same field decode twice (the FFCV-SSL way).
+
+    size_cell (1,) int64: the side s <= S = aug.size of the views, read at run time like the epoch
+    (progressive resolution): the buffers are allocated at S and each view (s, s, 3) is written C-contiguous
+    into the first s*s*3 bytes of its (S, S, 3) slot (unpack_views reads it back); None: s = S always.
 
     positions (n_samples,) int64 C-contiguous: sample -> folder position (the index field), which keys
     the views and picks the box row. ContrastiveCrop: boxes (n, 4) float32 C-contiguous (a BoxTable's
@@ -182,14 +186,16 @@ def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, positions: n
     run time: the caller keeps them alive and updates them only in place. boxes None: whole images,
     plain RandomResizedCrop."""
     views_arr = np.asarray(views, np.int64)
+    if size_cell is None:
+        size_cell = np.full(1, aug.size, np.int64)
     if boxes is None:
         boxes = np.array([[0, 0, 1, 1]], np.float32)  # (1, 4) never read: the flag below stays 0
         active_cell = np.zeros(1, np.int64)
     for name, a, dt in (("boxes", boxes, np.float32), ("active_cell", active_cell, np.int64),
-                        ("positions", positions, np.int64)):
+                        ("positions", positions, np.int64), ("size_cell", size_cell, np.int64)):
         if a is None or a.dtype != dt or not a.flags.c_contiguous:
             raise ValueError(f"view_decoder: {name} must be a C-contiguous {np.dtype(dt).name} array")
-    keep = (boxes, active_cell, positions)  # alive as long as the decoder (read through raw addresses)
+    keep = (boxes, active_cell, positions, size_cell)  # alive as long as the decoder (read through raw addresses)
     from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
     from ffcv.libffcv import imdecode, memcpy, resize_crop
     from ffcv.pipeline.allocation_query import AllocationQuery
@@ -232,6 +238,7 @@ def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, positions: n
             box_addr, n_boxes = boxes.ctypes.data, boxes.shape[0]  # the box table, rewritten in place
             active_addr = active_cell.ctypes.data  # 1 once the boxes are in use
             pos_addr, n_pos = positions.ctypes.data, positions.shape[0]
+            size_addr = size_cell.ctypes.data  # the loader writes the pass's view side there (<= aug.size)
             alpha = float(aug.crop_alpha)
 
             def decode(batch_indices, my_storage, metadata, storage_state):
@@ -241,6 +248,8 @@ def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, positions: n
                 a_now = alpha if on else 0.0
                 table = read_boxes(box_addr, n_boxes)  # (n, 4) float32
                 pos = read_int64(pos_addr, n_pos)  # (n_samples,) int64
+                side = read_cell(size_addr)
+                n3 = side * side * 3
                 for k in my_range(len(batch_indices)):
                     i = batch_indices[k]
                     key = np.int64(pos[i])  # the folder position keys the draws
@@ -257,19 +266,20 @@ def view_decoder(aug: AugParams, seed: int, epoch_cell: np.ndarray, positions: n
                         y0, x0, h, w, fl, jon, jt, gr, bon, sg, sol = draw_one(
                             seed_u, epoch, views_arr[slot], key, np.int64(W), np.int64(H), scale, ratio,
                             probs, jit_s, sig_r, table[key if on else 0], a_now)
-                        out = dest[k, slot]
+                        out = dest[k, slot].reshape(-1)[:n3].reshape(side, side, 3)  # packed at the slot's start
+                        sc = scratch[k].reshape(-1)[:n3].reshape(side, side, 3)
                         resize_crop_c(img, y0, y0 + h, x0, x0 + w, out)
                         if jon or gr:
                             if jon:
                                 colour_map_into(jt[2], jt[3], gr, jt[0], jt[1], cmat[k], cbuf[k])
                             else:
                                 colour_map_into(1.0, 0.0, gr, 1.0, 1.0, cmat[k], cbuf[k])
-                            colour_c(scratch[k], out, cmat[k], cbuf[k])
-                            memcpy_c(scratch[k], out)
+                            colour_c(sc, out, cmat[k], cbuf[k])
+                            memcpy_c(sc, out)
                         if bon:
                             sgm[k, 0] = sg
-                            blur_c(scratch[k], out, sgm[k])
-                            memcpy_c(scratch[k], out)
+                            blur_c(sc, out, sgm[k])
+                            memcpy_c(sc, out)
                         if sol:
                             for y in range(out.shape[0]):
                                 for x in range(out.shape[1]):
@@ -370,6 +380,9 @@ class FfcvTrainLoader:
                 raise ValueError(f"box table of {len(boxes)} rows for folder indices up to {self.positions.max()}")
             self._box_args = dict(boxes=boxes.array, active_cell=boxes.active_cell)
         self.epoch_cell = np.zeros(1, np.int64)  # read by the compiled decoder (kernels.views.read_cell)
+        # the epoch's view side (progressive resolution, aug.size_at), read the same way: the buffers are
+        # allocated at aug.size (the largest side), so a size change costs neither a rebuild nor a compilation
+        self.size_cell = np.full(1, aug.size_at(0), np.int64)
         self.epoch, self.start_batch = 0, 0
         self.bad_files: set[str] = set()  # bad files were dropped when the .beton was written
         self._loader, self._skip = None, -1
@@ -395,7 +408,7 @@ class FfcvTrainLoader:
             lambda ids, epoch: ids[shard_indices(len(ids), r, w, b, seed=seed, epoch=epoch, shuffle=True,
                                                  drop_last=True)[skip * b:]]))
         decoder = lambda views: view_decoder(self.aug, seed, self.epoch_cell, self.positions, views,  # noqa: E731
-                                             **self._box_args)
+                                             size_cell=self.size_cell, **self._box_args)
         if self.decode_once or self.views == 1:
             pipelines = {"image": [decoder(tuple(range(self.views)))]}
         else:  # two pipelines over the same field: FFCV decodes the JPEG once per pipeline
@@ -414,6 +427,7 @@ class FfcvTrainLoader:
             log.info("ffcv: compiling the view pipeline (during the first batch)")
         self._loader.next_epoch = epoch
         self.epoch_cell[0] = epoch
+        self.size_cell[0] = side = self.aug.size_at(epoch)
         t0 = time.perf_counter()
         with closing(_batches(self._loader, lambda: f"epoch {epoch} near batch {step} ({self.beton})")) as batches:
             for out in batches:
@@ -421,13 +435,22 @@ class FfcvTrainLoader:
                     log.info("ffcv: first batch after %.1f s (pipeline compilation included)", time.perf_counter() - t0)
                     fresh = False
                 # (N, views, S, S, 3) in FFCV's reused buffer -> owned (N, S, S, 3) copies on the device
-                views = out["image"]  # (N, 2, S, S, 3); (N, 1, S, S, 3) with views=1 or beside image2 (decode twice)
-                second = None if self.views == 1 else views[:, 1] if self.decode_once else out["image2"][:, 0]
+                views = unpack_views(out["image"], side)  # (N, 2, s, s, 3); (N, 1, s, s, 3) with views=1 or beside image2
+                second = None if self.views == 1 else views[:, 1] if self.decode_once else unpack_views(out["image2"], side)[:, 0]
                 x1 = _owned(views[:, 0], self.device)
                 x2 = None if second is None else _owned(second, self.device)
                 lab = torch.from_numpy(out["label"].reshape(-1).astype(np.int64)).to(self.device)
                 yield self.stage(x1, x2, lab, torch.from_numpy(out["index"].reshape(-1).astype(np.int64)), epoch, step)
                 step += 1
+
+
+def unpack_views(a: np.ndarray, side: int) -> np.ndarray:
+    """The decoder's (N, V, S, S, 3) buffer -> its (N, V, side, side, 3) views (each packed C-contiguous at the
+    start of its slot, view_decoder), a strided view of the buffer; side == S: the buffer itself."""
+    n, v, S = a.shape[0], a.shape[1], a.shape[2]
+    if side == S:
+        return a
+    return a.reshape(n, v, S * S * 3)[:, :, :side * side * 3].reshape(n, v, side, side, 3)
 
 
 def _owned(a: np.ndarray, device: torch.device) -> torch.Tensor:

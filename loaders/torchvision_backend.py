@@ -53,7 +53,9 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 
 @dataclass(frozen=True)
 class AugParams:
-    """The MoCo v2 view recipe (docs/methods.md §6); the same parameters drive every backend."""
+    """The MoCo v2 view recipe (docs/methods.md §6); the same parameters drive every backend. size: the view
+    side; with size_start > 0 (progressive resolution, mixmask/resolution.py) the final side, the side of
+    epoch e being size_at(e): the loaders make each epoch's views at that side (set_epoch)."""
 
     size: int
     crop_scale: tuple[float, float] = (0.2, 1.0)
@@ -66,6 +68,15 @@ class AugParams:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
     crop_alpha: float = 0.0  # ContrastiveCrop's Beta(alpha, alpha) offsets once boxes are active; 0 = RandomResizedCrop
+    size_start: int = 0  # progressive resolution (data.size_start): the first epochs' side (px); 0 = size at every epoch
+    size_ramp: tuple[float, float] = (0.0, 0.0)  # data.size_ramp: the epochs over which the side grows to size
+    size_step: int = 32  # data.size_step: the growing side is rounded down to a multiple of this (px)
+
+    def size_at(self, epoch: int) -> int:
+        """The view side of ``epoch`` (mixmask/resolution.view_size): a pure function of the epoch."""
+        from mixmask.resolution import view_size
+
+        return view_size(epoch, self.size, self.size_start, self.size_ramp, self.size_step)
 
 
 class _PILGaussianBlur:
@@ -99,7 +110,8 @@ class KeyedView:
     """View `view` (0 or 1) of a sample: the crop window of kernels/views.draw_one keyed by
     (seed, epoch, index, view), the same (y0, x0, h, w) as the DALI and FFCV backends (ContrastiveCrop's
     Beta offsets around the image's box when ``boxes`` is active and aug.crop_alpha > 0), resized to
-    size x size bilinearly (RandomResizedCrop's resize), then colour_transform (torch RNG)."""
+    size x size bilinearly (RandomResizedCrop's resize; the call's ``size``, else aug.size), then
+    colour_transform (torch RNG). The window does not depend on the size."""
 
     def __init__(self, aug: AugParams, view: int, seed: int, boxes: BoxTable | None = None):
         f64 = lambda *v: np.asarray(v, np.float64)  # noqa: E731
@@ -118,9 +130,11 @@ class KeyedView:
                                 box, alpha)[:4]
         return int(y0), int(x0), int(h), int(w)
 
-    def __call__(self, img: Image.Image, epoch: int, index: int, box_index: int | None = None) -> Image.Image:
+    def __call__(self, img: Image.Image, epoch: int, index: int, box_index: int | None = None,
+                 size: int = 0) -> Image.Image:
         y0, x0, h, w = self.window(img.width, img.height, epoch, index, box_index)
-        img = TF.resized_crop(img, y0, x0, h, w, [self.size, self.size], InterpolationMode.BILINEAR, antialias=True)
+        s = size or self.size
+        img = TF.resized_crop(img, y0, x0, h, w, [s, s], InterpolationMode.BILINEAR, antialias=True)
         return self.colour(img)
 
 
@@ -183,29 +197,31 @@ class _ImageDataset(Dataset):
                 bad.append(f"{self.paths[j]} ({type(e).__name__}: {e})")
         raise DataError(f"{len(bad)} consecutive unreadable images, first: {bad[0]}")
 
-    def __getitem__(self, key: tuple[int, int]):
-        i, epoch = key
+    def __getitem__(self, key: tuple[int, int, int]):
+        i, epoch, size = key  # size: the view side of the epoch (0: the KeyedViews' own)
         img, label, bad, j = self._load(i)  # j: the image actually read (i, or the next readable one)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, i))
-            views = [torch.from_numpy(np.asarray(t(img, epoch, i, j) if self.keyed else t(img), dtype=np.uint8).copy())
+            views = [torch.from_numpy(np.asarray(t(img, epoch, i, j, size) if self.keyed else t(img), dtype=np.uint8).copy())
                      for t in self.views]
         return (*views, label, i, bad)  # views: (H, W, 3) uint8 each
 
 
 class _ShardSampler(Sampler):
-    """Yields (index, epoch) keys of this rank's shard, from batch ``start_batch`` on; with ``indices``
-    (m,) the shard of m positions is mapped through them (folder indices of a subset)."""
+    """Yields (index, epoch, size) keys of this rank's shard, from batch ``start_batch`` on; with ``indices``
+    (m,) the shard of m positions is mapped through them (folder indices of a subset). size: the epoch's
+    view side (progressive resolution; 0 = the views' own): the key carries it to the persistent workers,
+    so a size change costs nothing."""
 
     def __init__(self, n, rank, world, batch, seed, shuffle, drop_last, indices: np.ndarray | None = None):
         self.args = dict(n=n, rank=rank, world=world, batch=batch, seed=seed, shuffle=shuffle, drop_last=drop_last)
-        self.batch, self.epoch, self.start, self.indices = batch, 0, 0, indices
+        self.batch, self.epoch, self.start, self.indices, self.size = batch, 0, 0, indices, 0
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
         idx = shard_indices(epoch=self.epoch, **self.args)[self.start * self.batch :]
         if self.indices is not None:
             idx = self.indices[idx]
-        return iter([(int(i), self.epoch) for i in idx])
+        return iter([(int(i), self.epoch, self.size) for i in idx])
 
     def __len__(self) -> int:
         return len(shard_indices(epoch=self.epoch, **self.args)) - self.start * self.batch
@@ -285,11 +301,12 @@ class TorchvisionTrainLoader(_Base):
             raise ValueError(f"box table of {len(boxes)} rows for {len(index)} images")
         self.indices = draw_from(indices, len(index), world, batch_size)  # (m,) folder positions
         self.n = len(self.indices)
-        self.world, self.batch_size, self.stage, self.boxes = world, batch_size, stage, boxes
+        self.world, self.batch_size, self.stage, self.boxes, self.aug = world, batch_size, stage, boxes, aug
         self.start_batch = 0
         keyed = [KeyedView(aug, v, seed, boxes) for v in range(views)]
         sampler = _ShardSampler(self.n, rank, world, batch_size, seed, shuffle=True, drop_last=True,
                                 indices=None if indices is None else self.indices)
+        sampler.size = aug.size_at(0)
         super().__init__(_ImageDataset(index, keyed, seed, keyed=True), sampler, batch_size, workers, prefetch, True,
                          device)
 
@@ -297,8 +314,10 @@ class TorchvisionTrainLoader(_Base):
         return batches_per_epoch(self.n, self.world, self.batch_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch (seeds the order and augmentations) and skip its first batches (resume)."""
+        """Select the epoch (seeds the order and augmentations; its view side aug.size_at(epoch)) and skip its
+        first batches (resume)."""
         self.sampler.epoch, self.sampler.start = epoch, start_batch
+        self.sampler.size = self.aug.size_at(epoch)  # travels in the sample keys: no worker restart
         self.start_batch = start_batch  # the step index of the first batch (keys the masks)
 
     def __iter__(self) -> Iterator[Batch]:

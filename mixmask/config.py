@@ -44,8 +44,12 @@ class ConfigError(ValueError):
 class DataConfig:
     root: str = ""  # ImageFolder root (root/train/<class>/*, root/val/<class>/*); "" = embedded demo set
     backend: Literal["torchvision", "dali", "ffcv"] = "torchvision"  # input pipeline for the training views
-    image_size: int = 64  # side of both training views after RandomResizedCrop (px)
-    eval_resize: int = 0  # eval: resize shorter side to this before the centre crop; 0 = image_size * 8/7
+    image_size: int = 64  # side of both training views after RandomResizedCrop (px); with size_start: the final side
+    size_start: int = 0  # progressive resolution (FFCV): view side (px) of the first epochs; 0 = off, every epoch at image_size
+    size_ramp: tuple[float, float] = (0.0, 0.0)  # epochs (0-based) over which the side grows linearly size_start -> image_size
+    size_step: int = 32  # the growing side is rounded down to a multiple of this (px; FFCV rounds to 32)
+    eval_size: int = 0  # evaluation centre-crop side (px; kNN, probes, fine-tuning's val); 0 = image_size
+    eval_resize: int = 0  # eval: resize shorter side to this before the centre crop; 0 = eval side * 8/7
     batch_size: int = 128  # per process; global batch = batch_size * processes * grad_accum
     workers: int = 2  # per training process: DataLoader worker processes (torchvision), DALI threads (dali)
     prefetch: int = 4  # batches kept ready: per DataLoader worker (torchvision), DALI queue depth, FFCV batches_ahead
@@ -91,6 +95,10 @@ class ModelConfig:
     stem: Literal["imagenet", "small"] = "imagenet"  # ResNets: small = 3x3 stride-1 conv, no max-pool (<= 64 px)
     patch_size: int = 16  # ViTs: patch side (px); must divide data.image_size
     vit_depth: int = 0  # ViTs: transformer blocks (0 = the architecture's 12)
+    batch_views: bool = False  # one forward of an encoder on all its views (x1, x2, mixed) with BatchNorm statistics per view: the same results as a forward per view, fewer and larger kernel calls (mixmask/models/norm.py); not cmae
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"  # torch.compile mode of the framework's networks, in place (frameworks/base.py compile_networks); reduce-overhead = CUDA graphs
+    compile_dynamic: bool = False  # compile with dynamic shapes; false = one compile per image size (progressive resolution: once per size)
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # torch.compile backend; aot_eager/eager: debugging and fast tests (mode default only)
 
 
 @dataclass
@@ -342,6 +350,7 @@ def validate(cfg: Config, keys: set[str] = frozenset()) -> None:
                               f"{cfg.model.framework!r} has no negatives to add it to; set saliency.hard_negative=false "
                               f"or select model.framework from {have}")
     _check_architecture(cfg, keys)
+    _check_resolution(cfg)
     checks = [
         (cfg.data.image_size >= 8, "data.image_size must be >= 8"),
         (cfg.data.batch_size >= 2, "data.batch_size must be >= 2 (MixMask needs a partner image)"),
@@ -374,6 +383,52 @@ def validate(cfg: Config, keys: set[str] = frozenset()) -> None:
             raise ConfigError(message)
 
 
+def _check_resolution(cfg: Config) -> None:
+    """Progressive resolution (data.size_start, size_ramp, size_step; mixmask/resolution.py) and the evaluation
+    side (data.eval_size): the schedule, the ViTs that cannot follow it, and the mixers' grid cells, which keep
+    their pixel size (data.image_size / grid) at every view side: size_start, size_step and image_size must be
+    multiples of the cell, so every side of the schedule is one."""
+    d, arch = cfg.data, cfg.model.arch
+    if d.eval_size and d.eval_size < 8:
+        raise ConfigError(f"data.eval_size={d.eval_size} must be 0 (= data.image_size) or >= 8")
+    if d.size_step < 1:
+        raise ConfigError(f"data.size_step={d.size_step} must be >= 1")
+    if not 0 <= d.size_ramp[0] <= d.size_ramp[1]:
+        raise ConfigError(f"data.size_ramp={list(d.size_ramp)} must be [start, end] epochs with 0 <= start <= end")
+    if is_vit(arch) and d.eval_size not in (0, d.image_size):
+        raise ConfigError(f"data.eval_size={d.eval_size} with model.arch={arch}: a ViT's positional embedding fixes "
+                          f"its input side at data.image_size={d.image_size}; set data.eval_size=0")
+    if not d.size_start or d.image_size < 8:  # data.image_size >= 8 is checked with the others
+        return
+    if is_vit(arch):
+        raise ConfigError(f"data.size_start={d.size_start} with model.arch={arch}: progressive resolution is for "
+                          f"ConvNets (a ViT's patch grid and positional embedding are fixed at data.image_size); "
+                          f"set data.size_start=0")
+    if not 8 <= d.size_start <= d.image_size:
+        raise ConfigError(f"data.size_start={d.size_start} must be 0 (off) or in [8, data.image_size={d.image_size}]")
+    if d.size_start % d.size_step:
+        raise ConfigError(f"data.size_start={d.size_start} is not a multiple of data.size_step={d.size_step}")
+    if not cfg.mask.enabled:
+        return
+    for key in MIXERS[cfg.mask.method].grids:  # e.g. mask.grid, mscn.grid
+        section, name = key.split(".")
+        g = getattr(getattr(cfg, section), name)
+        if g < 1:  # its own range check names it
+            continue
+        if d.image_size % g:
+            raise ConfigError(f"{key}={g} does not divide data.image_size={d.image_size}: with progressive resolution "
+                              f"(data.size_start) the grid's cell keeps its pixel size, data.image_size / {key}")
+        # MixMask's block generator places nothing on fewer than 3 x 3 cells (docs/methods.md §2), discrete needs 2
+        cell, least = d.image_size // g, (3 if cfg.mask.kind == "block" else 2) if key == "mask.grid" else 1
+        for what, v in (("data.size_start", d.size_start), ("data.size_step", d.size_step)):
+            if v % cell:
+                raise ConfigError(f"{what}={v} is not a multiple of the {cell}-px cell of {key}={g} at data.image_size="
+                                  f"{d.image_size}: every view side must be a whole number of cells")
+        if d.size_start < least * cell:
+            raise ConfigError(f"data.size_start={d.size_start} leaves {d.size_start // cell} cell(s) of {cell} px a side "
+                              f"for {key}={g}; mask.kind={cfg.mask.kind} needs >= {least}: raise data.size_start")
+
+
 def _check_architecture(cfg: Config, keys: set[str]) -> None:
     """ViT-only and ConvNet-only options, and frameworks that need one family."""
     m, framework = cfg.model, FRAMEWORKS[cfg.model.framework]
@@ -392,6 +447,16 @@ def _check_architecture(cfg: Config, keys: set[str]) -> None:
         for key in ("model.patch_size", "model.vit_depth"):
             if key in keys:
                 raise ConfigError(f"{key} is a ViT option; model.arch={m.arch} is a ResNet: remove it")
+    if m.batch_views and not framework.views_batchable:
+        raise ConfigError(f"model.batch_views=true: model.framework={m.framework} encodes one view per encoder, "
+                          "there is nothing to batch; set model.batch_views=false")
+    if m.compile == "none":
+        for key in ("model.compile_dynamic", "model.compile_backend"):
+            if key in keys:
+                raise ConfigError(f"{key} is set, but model.compile=none: remove it or set model.compile=default")
+    elif m.compile_backend != "inductor" and m.compile != "default":
+        raise ConfigError(f"model.compile={m.compile} is an inductor mode; model.compile_backend={m.compile_backend} "
+                          "takes model.compile=default only")
     if framework.vit_only and not vit:
         raise ConfigError(f"model.framework={m.framework} needs a ViT: set model.arch to vit_tiny, vit_small or vit_base")
     if framework.masks_tokens and cfg.mask.enabled:

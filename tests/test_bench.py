@@ -1,8 +1,10 @@
 """Benchmarks: `python -m benchmarks --quick` (the CI smoke variant of `make bench`) produces every figure,
 positive and finite, with its min <= median <= max, for every installed backend; the report, the run
-comparison, the pooling of kernel bursts and the ImageNet-like set follow their definitions."""
+comparison, the pooling of kernel bursts and the ImageNet-like set follow their definitions; the GPU session
+script runs dry on the CPU."""
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -13,15 +15,28 @@ import pytest
 from trainrun import REPO
 
 
-def test_bench_quick_produces_every_figure(tmp_path):
-    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path), "--cache", str(tmp_path / "data")]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert (tmp_path / "data" / "imagenet-like-64" / "train").is_dir()               # the set went to --cache
-    out = json.loads((tmp_path / "bench.json").read_text())
+def test_bench_quick_in_the_gpu_session_dry_run_produces_every_figure(tmp_path):
+    """benchmarks/gpu_session.sh with DRY=1 (the CI dry run of the GPU session: every step on the CPU at tiny
+    sizes, the gpu-marked tests collected and skipped) runs `python -m benchmarks --quick` with every step option
+    (compile included): every figure, for every installed backend; a second bench step compares the two runs;
+    a failing step fails the script."""
     from benchmarks.__main__ import installed_backends
+    from benchmarks.report import render
 
+    out_dir, cache = tmp_path / "out", tmp_path / "data"
+    env = {**os.environ, "DRY": "1", "OUT": str(out_dir), "PY": sys.executable, "CACHE": str(cache)}
+    script = ["bash", "benchmarks/gpu_session.sh"]
+    res = subprocess.run(script + ["env", "nope"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "failed: nope(2)" in res.stdout, res.stdout[-2000:]
+    res = subprocess.run(script + ["env", "tests", "dali", "bench"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=2400)
+    assert res.returncode == 0 and "failed" not in res.stdout.splitlines()[-1], (res.stdout[-3000:], res.stderr[-3000:])
+    assert "skipped" in (out_dir / "pytest_gpu.txt").read_text()      # collected, and skipped on the CPU
     backends = installed_backends()
+    loaders = json.loads((out_dir / "loaders_gpu.json").read_text())
+    assert {r["backend"] for r in loaders["results"]} == set(backends)
+    assert (cache / "imagenet-like-64" / "train").is_dir()                  # the set went to --cache
+    out = json.loads((out_dir / "bench" / "bench.json").read_text())
     rows = {(r["backend"], r["mixmask"]) for r in out["loaders"]}
     assert rows == {(b, m) for b in backends for m in (False, True)}
     figures = [r["images_per_sec"] for r in out["loaders"]] + [r["per_core"] for r in out["loaders"]]
@@ -33,18 +48,37 @@ def test_bench_quick_produces_every_figure(tmp_path):
     for r in out["kernels"]:
         assert r["bursts"] == 3 and len(r["fused_ms_all"]) == 9 and r["matches_reference"], r
         assert 0 < r["fused_ms_min"] <= r["fused_ms"] <= r["fused_ms_max"]
-    feeds = [(r["feed"], r["mixmask"]) for r in out["training"]]
-    assert feeds[:2] == [("synthetic", True), ("synthetic", False)] and ("torchvision", True) in feeds
+    check_training_rows(out["training"], ["mixmask", "plain", "mixmask+batch_views", "mixmask+compile"], backends)
     assert out["machine"]["cores"] >= 1 and out["machine"]["torch"]
     best = max((r for r in out["training"] if r["feed"] != "synthetic"), key=lambda r: r["share_of_ceiling"])
-    assert out["best_loader"]["feed"] == best["feed"] and out["best_loader"]["target"] == 0.95
+    assert (out["best_loader"]["feed"], out["best_loader"]["variant"]) == (best["feed"], best["variant"])
+    assert out["best_loader"]["target"] == 0.95
     assert out["dataset"]["files"] == 64 and out["dataset"]["mean_kb"] > 30
-    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    assert (out_dir / "bench" / "bench.png").stat().st_size > 10_000
+    assert "| synthetic | mixmask+compile |" in render(out)
     # a second run with the same options is compared with the first, figure by figure
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = subprocess.run(script + ["bench"], cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     n = len(out["loaders"]) + len(out["training"]) + len(out["kernels"])
-    assert (tmp_path / "bench-prev.json").exists() and f" of {n} figures within the other run's noise" in res.stdout
+    assert (out_dir / "bench" / "bench-prev.json").exists()
+    assert f" of {n} figures within the other run's noise" in res.stdout, res.stdout[-3000:]
+
+
+def check_training_rows(rows: list[dict], variants: list[str], backends: list[str]) -> None:
+    """Every variant on the synthetic feed, then each training backend with "mixmask" and the fastest MixMask
+    variant; shares recomputed from the medians; the host's ms within the step's ms where measured."""
+    syn = {r["variant"]: r for r in rows if r["feed"] == "synthetic"}
+    assert [r["variant"] for r in rows if r["feed"] == "synthetic"] == variants
+    fastest = max((v for v in variants if not v.startswith("plain")), key=lambda v: syn[v]["images_per_sec"])
+    fed = [(r["feed"], r["variant"]) for r in rows if r["feed"] != "synthetic"]
+    want = [b for b in backends if b in ("torchvision", "dali", "ffcv-jpg")]
+    assert fed == [(b, v) for b in want for v in dict.fromkeys(["mixmask", fastest])], fed
+    for r in rows:
+        assert r["share_of_ceiling"] == pytest.approx(r["images_per_sec"] / syn[r["variant"]]["images_per_sec"])
+        assert r["mixmask"] == (not r["variant"].startswith("plain")) and r["first_step_s"] > 0
+        assert r["step_ms"] > 0 and (r["host_ms"] is None) == ("compile" in r["variant"]), r
+        if r["host_ms"] is not None:
+            assert 0 <= r["host_ms"] <= r["step_ms"], r
 
 
 def _bench(loader_spreads, kernel_ms=(8.5, 8.0, 9.0)):
@@ -72,7 +106,7 @@ def _bench(loader_spreads, kernel_ms=(8.5, 8.0, 9.0)):
 
 
 def test_report_renders_every_row_with_its_noise_and_updates_only_its_section(tmp_path):
-    from benchmarks.report import END, START, render, update_readme
+    from benchmarks.report import END, GPU_END, GPU_START, START, render, update_readme
 
     text = render(_bench([(9, 10, 11), (10, 11, 12), (11, 12, 13), (12, 13, 14)]), "docs/bench.png")
     assert "| torchvision | 10 (9-11) | 11 (10-12) |" in text and "| dali | 12 (11-13) | 13 (12-14) |" in text
@@ -81,12 +115,38 @@ def test_report_renders_every_row_with_its_noise_and_updates_only_its_section(tm
     assert "| synthetic batch, MixMask off (plain MoCo v2) | | | | | 108.0 (100.0-110.0) | 1.80 |" in text
     assert "float16 8.50 ms (8.00-9.00), 0.70 of a copy, 85x the torch ops" in text
     assert "8 generated ImageNet-like JPEGs (mean 470 x 390 px, 110 KB)" in text
-    assert "Best loader in the training step: dali, at 0.90 of the model-only ceiling (target on a GPU: >= 0.95)" in text
+    assert "Best loader in the training step: dali (mixmask), at 0.90 of the model-only ceiling (target on a GPU: >= 0.95)" in text
     readme = tmp_path / "README.md"
-    readme.write_text(f"before\n{START}\nold\n{END}\nafter\n")
+    readme.write_text(f"before\n{START}\nold\n{END}\nmiddle\n{GPU_START}\nold gpu\n{GPU_END}\nafter\n")
     update_readme(readme, text)
     s = readme.read_text()
-    assert s.startswith("before\n") and s.endswith(f"{END}\nafter\n") and "old" not in s and text in s
+    assert s.startswith("before\n") and f"{END}\nmiddle\n{GPU_START}\nold gpu\n" in s and "old\n" not in s
+    assert text in s
+    update_readme(readme, "gpu figures", gpu=True)                    # a GPU run: only the GPU section changes
+    assert readme.read_text() == s.replace("old gpu", "gpu figures")
+
+
+def test_report_training_table_gives_every_variant_and_the_epoch_rows():
+    from benchmarks.report import render
+
+    b = _bench([(9, 10, 11), (10, 11, 12), (11, 12, 13), (12, 13, 14)])
+    b["training"] += [{"feed": "synthetic", "variant": "mixmask+compile", "mixmask": True, "images_per_sec": 80.0,
+                       "min": 79.0, "max": 81.5, "share_of_ceiling": 1.0, "host_ms": None, "step_ms": 50.0,
+                       "first_step_s": 41.0},
+                      {"feed": "dali", "variant": "mixmask+compile", "mixmask": True, "images_per_sec": 72.0,
+                       "min": 70.0, "max": 73.0, "share_of_ceiling": 0.9, "host_ms": 3.25, "step_ms": 55.0,
+                       "first_step_s": 41.0}]
+    b["epochs"] = [{"size": 24, "epoch_s": 10.0, "min": 9.5, "max": 11.0, "images": 4992, "images_per_sec": 499.2,
+                    "vs_full": 0.5}, {"size": 32, "epoch_s": 20.0, "min": 19.0, "max": 21.0, "images": 4992,
+                                      "images_per_sec": 249.6, "vs_full": 1.0}]
+    text = render(b)
+    assert "| synthetic | mixmask | 60.0 (58.0-61.0) | 1.00 | - / - | - |" in text       # a run from before variants
+    assert "| synthetic | plain | 108.0 (100.0-110.0) | 1.80 | - / - | - |" in text
+    assert "| synthetic | mixmask+compile | 80.0 (79.0-81.5) | 1.00 | - / 50.0 | 41.0 |" in text
+    assert "| dali | mixmask+compile | 72.0 (70.0-73.0) | 0.90 | 3.2 / 55.0 | 41.0 |" in text
+    assert "| 24 | 10.0 (9.5-11.0) | 499 | 0.50 |" in text and "One demo epoch (4992 images" in text
+    # the loader table keeps the plain "mixmask" variant's step, not the compiled one
+    assert "| dali | 12 (11-13) | 13 (12-14) | 6.5 | 1.50 | 54.0 (50.0-55.0) | 0.90 |" in text
 
 
 def test_compare_overlap_is_interval_intersection():
@@ -184,3 +244,16 @@ def test_every_suite_variant_is_a_valid_demo_config():
             cfg = load_config(default_configs(overrides), overrides).to_dict()
             assert cfg not in seen, (name, variant)
             seen.append(cfg)
+
+
+
+def test_epoch_rows_time_each_view_size():
+    """benchmarks.training.epoch_rows: one (here: truncated) demo epoch per view size through the loader and the
+    demo model; each row's share of the largest size's epoch is its own median over that one."""
+    from benchmarks.training import epoch_rows
+
+    rows = epoch_rows([16, 24], repeats=1, batch=16, cores=2, device="cpu", precision="no", max_batches=2)
+    assert [r["size"] for r in rows] == [16, 24] and all(r["images"] == 32 for r in rows)
+    assert all(r["epoch_s"] > 0 and r["min"] <= r["epoch_s"] <= r["max"] for r in rows)
+    assert rows[1]["vs_full"] == 1.0 and rows[0]["vs_full"] == pytest.approx(rows[0]["epoch_s"] / rows[1]["epoch_s"])
+    assert rows[0]["images_per_sec"] == pytest.approx(32 / rows[0]["epoch_s"])

@@ -22,7 +22,7 @@ import torch
 
 from mixmask import distributed as D
 from mixmask.batch import Batch
-from mixmask.frameworks.base import Framework, split_bias_bn
+from mixmask.frameworks.base import Framework, encode_views, split_bias_bn
 from mixmask.losses import barlow_twins
 from mixmask.models import Arch, Backbone, BackboneSpec, Encoder, Stem, make_backbone, mlp
 
@@ -54,15 +54,16 @@ class BarlowTwins(Framework):
         return self.encoder.backbone
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        z1, z2 = self.encoder(batch.x1), self.encoder(batch.x2)  # (N, D)
+        views = [batch.x1, batch.x2, *(m.x for m in batch.mixes)]
+        z1, z2, *z_mix = encode_views(self.encoder, views, self.encoder, self.batch_views)  # (N, D) each
         gather = lambda z: D.gather_with_grad(z, self.group)  # noqa: E731 - (N, D) -> (W N, D)
         loss = barlow_twins(gather(z1), gather(z2), self.cfg.lambd)
         out = {"loss_clean": loss}
         z2 = z2.float()
-        for m in batch.mixes:  # each mixed view against the lam-weighted mix of its sources' targets
+        for m, z in zip(batch.mixes, z_mix):  # each mixed view against the lam-weighted mix of its sources' targets
             lam = m.lam.to(z2.device, torch.float32)[:, None]  # (N, 1)
             target = z2 if m.perm is None else lam * z2 + (1.0 - lam) * z2[m.perm]  # (N, D)
-            part = barlow_twins(gather(self.encoder(m.x)), gather(target), self.cfg.lambd)
+            part = barlow_twins(gather(z), gather(target), self.cfg.lambd)
             out["loss_mix"] = out.get("loss_mix", 0.0) + part
             loss = loss + part
         out["loss"] = loss

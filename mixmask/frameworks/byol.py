@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from mixmask.batch import Batch
-from mixmask.frameworks.base import Framework, cosine_momentum, credit_mixes, ema_, frozen_copy
+from mixmask.frameworks.base import Framework, cosine_momentum, credit_mixes, ema_, encode_views, frozen_copy
 from mixmask.losses import normalized_mse
 from mixmask.models import Arch, Backbone, BackboneSpec, Encoder, Stem, make_backbone, mlp
 
@@ -53,12 +53,14 @@ class BYOL(Framework):
         return self.target.backbone.feature_map(x)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        p1, p2 = self.predictor(self.online(batch.x1)), self.predictor(self.online(batch.x2))  # (N, D)
+        views = [batch.x1, batch.x2, *(m.x for m in batch.mixes)]
+        p1, p2, *p_mix = encode_views(lambda x: self.predictor(self.online(x)), views, (self.online, self.predictor),
+                                      self.batch_views)  # (N, D) each
         with torch.no_grad():
-            z1, z2 = self.target(batch.x1), self.target(batch.x2)  # (N, D)
+            z1, z2 = encode_views(self.target, views[:2], self.target, self.batch_views)  # (N, D)
         loss = normalized_mse(p1, z2) + normalized_mse(p2, z1)  # (N,)
         out = {"loss_clean": loss.mean()}
-        mixed = credit_mixes(batch, lambda x: self.predictor(self.online(x)), normalized_mse, z2)  # (N,)
+        mixed = credit_mixes(batch, p_mix, normalized_mse, z2)  # (N,)
         if mixed is not None:
             out["loss_mix"] = mixed.mean()
             loss = loss + mixed

@@ -78,6 +78,7 @@ class CMAEConfig:
 
 class CMAE(Framework):
     Config = CMAEConfig
+    views_batchable = False  # one view per encoder (x1's kept tokens online, x2 momentum), a ViT: no model.batch_views
     masks_tokens = True  # the input pipeline must fill batch.keep (mixmask/mixing/stage.py TokenMasking)
     vit_only = True
 

@@ -4,7 +4,8 @@ Vishniakov et al., arXiv 2210.11456). docs/methods.md §4.1.
 Per step, for the two views x1, x2 and (optionally) the mixed view x~ of x1, queue {n_i} of K keys:
 
     q  = normalize(f_q(x1))                  # (N, D)
-    q~ = normalize(f_q(x~))                  # (N, D), its own forward: BN statistics of mixed images apart
+    q~ = normalize(f_q(x~))                  # (N, D), BN statistics of mixed images apart (own forward, or
+                                             # one batched forward with BN per view: model.batch_views)
     k  = normalize(f_k(x2))                  # (N, D), no gradient, shuffle-BN
     L  = (1/N) sum_j [ l(q_j, k_j) + lam_j l(q~_j, k_j) + (1 - lam_j) l(q~_j, k_perm[j]) ]   (summed over
          every mixed view of the batch; with a hard negative h_j = normalize(f_k(batch.hard_negative_j)) the
@@ -20,6 +21,9 @@ Shuffle-BN: with several processes the keys are encoded in a batch shuffled acro
 process the same protection is split BN: queries in ``bn_splits`` contiguous chunks and keys in
 ``bn_splits`` chunks of a random shuffle, BN statistics per chunk, so a query and its positive key never
 share batch statistics (the leak shuffle-BN blocks). The default was chosen by measurement (README).
+With model.batch_views the queries of x1 and the mixed views are one forward whose BN groups are
+views x bn_splits chunks (each view chunked as before), and the split keys one forward of bn_splits groups:
+the same statistics, outputs and running-statistic updates as the separate calls.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from torch import nn
 
 from mixmask import distributed as D
 from mixmask.batch import Batch
-from mixmask.frameworks.base import Framework, credit_mixes, ema_, frozen_copy
+from mixmask.frameworks.base import Framework, credit_mixes, ema_, encode_views, frozen_copy
 from mixmask.losses import info_nce, normalize
 from mixmask.models import Arch, Backbone, BackboneSpec, Encoder, Stem, make_backbone, mlp
 
@@ -83,11 +87,14 @@ class MoCoV2(Framework):
         self.shuffles += 1
         return torch.randperm(n, generator=gen).to(device)
 
-    def _split(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """encoder(x) with BN statistics per chunk: bn_splits emulated processes (one process only)."""
-        if self.cfg.bn_splits == 1 or not self.cfg.shuffle_bn or D.world_size(self.group) > 1:
-            return encoder(x)
-        return torch.cat([encoder(c) for c in x.chunk(self.cfg.bn_splits)])
+    def _splits(self) -> int:
+        """Chunks per view with their own BN statistics: bn_splits emulated processes (one process only)."""
+        return 1 if not self.cfg.shuffle_bn or D.world_size(self.group) > 1 else self.cfg.bn_splits
+
+    def _encode(self, encoder: nn.Module, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """encoder(x) for each view, BN statistics per view and per split-BN chunk of it: with
+        model.batch_views one forward whose BN groups are views x bn_splits chunks (encode_views)."""
+        return encode_views(encoder, xs, encoder, self.batch_views, self._splits())
 
     @torch.no_grad()
     def _keys(self, x2: torch.Tensor) -> torch.Tensor:
@@ -97,7 +104,7 @@ class MoCoV2(Framework):
             return normalize(self.encoder_k(x2))
         if world == 1:
             shuffle = self._shuffle(x2.shape[0], x2.device)
-            return normalize(self._split(self.encoder_k, x2[shuffle]))[torch.argsort(shuffle)]
+            return normalize(self._encode(self.encoder_k, [x2[shuffle]])[0])[torch.argsort(shuffle)]
         n, rank = x2.shape[0], D.rank(self.group)
         x_all = D.gather(x2, self.group)  # (W N, 3, H, W)
         shuffle = self._shuffle(x_all.shape[0], x2.device)  # identical on every process
@@ -115,14 +122,14 @@ class MoCoV2(Framework):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         t = self.cfg.temperature
-        q = normalize(self._split(self.encoder_q, batch.x1))  # (N, D)
+        # the queries of x1 and of every mixed view: (N, D) each; the mixed views' BN statistics apart
+        q, *q_mix = [normalize(z) for z in self._encode(self.encoder_q, [batch.x1, *(m.x for m in batch.mixes)])]
         k = self._keys(batch.x2)  # (N, D)
         queue = self.queue.clone()  # (D, K): the enqueue below must not change what backward reads
         hard = None if batch.hard_negative is None else self._keys(batch.hard_negative)  # (N, D)
         loss = info_nce(q, k, queue, t, hard, self.cfg.hard_alpha)  # (N,)
         out = {"loss_clean": loss.mean()}
-        mixed = credit_mixes(batch, lambda x: normalize(self._split(self.encoder_q, x)),
-                             lambda z, key: info_nce(z, key, queue, t), k)  # (N,)
+        mixed = credit_mixes(batch, q_mix, lambda z, key: info_nce(z, key, queue, t), k)  # (N,)
         if mixed is not None:
             out["loss_mix"] = mixed.mean()
             loss = loss + mixed

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from mixmask import distributed as D
 from mixmask.batch import Batch
-from mixmask.frameworks.base import Framework, credit_mixes
+from mixmask.frameworks.base import Framework, credit_mixes, encode_views
 from mixmask.losses import float32, nt_xent
 from mixmask.models import Arch, Backbone, BackboneSpec, Encoder, Stem, make_backbone, mlp
 
@@ -62,13 +62,14 @@ class SimCLR(Framework):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         t, n = self.cfg.temperature, batch.size
-        z1, z2 = self.encoder(batch.x1), self.encoder(batch.x2)  # (N, D)
+        views = [batch.x1, batch.x2, *(m.x for m in batch.mixes)]
+        z1, z2, *z_mix = encode_views(self.encoder, views, self.encoder, self.batch_views)  # (N, D) each
         z1_all, z2_all = D.gather_with_grad(z1, self.group), D.gather_with_grad(z2, self.group)  # (W N, D)
         offset = D.rank(self.group) * n
         loss = nt_xent(z1, z2, z1_all, z2_all, offset, t)  # (N,)
         out = {"loss_clean": loss.mean()}
         own = offset + torch.arange(n, device=z2.device)  # (N,) column of each sample's second view
-        mixed = credit_mixes(batch, lambda x: cross_view_logits(self.encoder(x), z2_all, t), cross_entropy, own)  # (N,)
+        mixed = credit_mixes(batch, [cross_view_logits(z, z2_all, t) for z in z_mix], cross_entropy, own)  # (N,)
         if mixed is not None:
             out["loss_mix"] = mixed.mean()
             loss = loss + mixed

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mixmask.batch import Batch
-from mixmask.frameworks.base import Framework, credit_mixes, split_bias_bn
+from mixmask.frameworks.base import Framework, credit_mixes, encode_views, split_bias_bn
 from mixmask.losses import negative_cosine
 from mixmask.models import Arch, Backbone, BackboneSpec, Encoder, Stem, make_backbone, mlp
 
@@ -48,11 +48,13 @@ class SimSiam(Framework):
         return self.encoder.backbone
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        z1, z2 = self.encoder(batch.x1), self.encoder(batch.x2)  # (N, D)
-        p1, p2 = self.predictor(z1), self.predictor(z2)  # (N, D)
+        views = [batch.x1, batch.x2, *(m.x for m in batch.mixes)]
+        zs = encode_views(self.encoder, views, self.encoder, self.batch_views)  # (N, D) each
+        z1, z2 = zs[:2]
+        p1, p2, *p_mix = encode_views(self.predictor, zs, self.predictor, self.batch_views)  # (N, D) each
         loss = 0.5 * (negative_cosine(p1, z2) + negative_cosine(p2, z1))  # (N,)
         out = {"loss_clean": loss.mean()}
-        mixed = credit_mixes(batch, lambda x: self.predictor(self.encoder(x)), negative_cosine, z2)  # (N,)
+        mixed = credit_mixes(batch, p_mix, negative_cosine, z2)  # (N,)
         if mixed is not None:
             out["loss_mix"] = mixed.mean()
             loss = loss + mixed

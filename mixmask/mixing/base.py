@@ -44,11 +44,14 @@ class Views:
 class Mixer:
     """Base of the mixing methods. ``sections``: the config sections the method reads (a key set in
     another method's section is a config error); ``hard_negatives``: whether it makes hard negatives
-    (then the framework must have negatives)."""
+    (then the framework must have negatives); ``grids``: the keys of its cell grids, given at
+    data.image_size: under progressive resolution (data.size_start) a view of side s gets
+    grid_at(g, full_size, s) = s / cell cells a side, cell = data.image_size / g (mixmask/resolution.py)."""
 
     name: str = ""
     sections: tuple[str, ...] = ()
     hard_negatives: bool = False
+    grids: tuple[str, ...] = ()  # config keys of its cell grids (progressive resolution keeps their cells' px size)
 
     def __call__(self, v1: torch.Tensor, v2: torch.Tensor, keys: Keys, px: Pixels) -> Views:  # pragma: no cover
         raise NotImplementedError
@@ -143,6 +146,12 @@ class Pixels:
         self._call("noise_fill_", [x], lambda a: (a(x), a(m), a(b), std, keys.seed, keys.epoch, keys.batch_index,
                                                   stream))
         return x
+
+
+def full_size(cfg) -> int:
+    """The side at which the grids are given when progressive resolution is on (data.image_size; their cells
+    keep that pixel size at every view side), 0 when it is off (the grid follows the view: g cells a side)."""
+    return cfg.data.image_size if cfg.data.size_start else 0
 
 
 def _numba_stream(device: torch.device):

@@ -13,25 +13,33 @@ from __future__ import annotations
 import torch
 
 from mixmask import masks as mk
-from mixmask.mixing.base import Keys, Mixer, Pixels, Views, mixed_view, partner
+from mixmask.mixing.base import Keys, Mixer, Pixels, Views, full_size, mixed_view, partner
+from mixmask.resolution import grid_at
 
 
 class MixMask(Mixer):
     name = "mixmask"
     sections = ("mask",)
+    grids = ("mask.grid",)
 
     def __init__(self, *, kind: mk.MaskKind = "block", grid: int = 8, ratio: float = 0.5, per_sample: bool = False,
-                 partner: str = "auto"):
+                 partner: str = "auto", full_size: int = 0):
         self.kind, self.grid, self.ratio, self.per_sample, self.partner = kind, grid, ratio, per_sample, partner
+        self.full_size = full_size  # progressive resolution: the side `grid` is given at (0: g at every side)
 
     @classmethod
     def from_config(cls, cfg) -> MixMask:
         m = cfg.mask
-        return cls(kind=m.kind, grid=m.grid, ratio=m.ratio, per_sample=m.per_sample, partner=m.partner)
+        return cls(kind=m.kind, grid=m.grid, ratio=m.ratio, per_sample=m.per_sample, partner=m.partner,
+                   full_size=full_size(cfg))
+
+    def grid_for(self, v: torch.Tensor) -> int:
+        """Cells a side for the views v (N, H, W, 3): self.grid, or under progressive resolution H / cell."""
+        return grid_at(self.grid, self.full_size, v.shape[1])
 
     def masks(self, v1: torch.Tensor, keys: Keys, px: Pixels) -> torch.Tensor:
         """The step's grid masks (the same on every route).  -> (N or 1, g, g) uint8 on the CPU"""
-        return px.sample_masks(self.kind, v1.shape[0] if self.per_sample else 1, self.grid, self.ratio, keys.seed,
+        return px.sample_masks(self.kind, v1.shape[0] if self.per_sample else 1, self.grid_for(v1), self.ratio, keys.seed,
                                keys.epoch, keys.batch_index)
 
     def __call__(self, v1, v2, keys: Keys, px: Pixels) -> Views:

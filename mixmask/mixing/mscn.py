@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from kernels.fill import filled_reference, gaussian_taps
 from kernels.rng import STREAMS
-from mixmask.mixing.base import Keys, Mixer, Pixels, Views
+from mixmask.mixing.base import Keys, Mixer, Pixels, Views, full_size
+from mixmask.resolution import grid_at
 
 
 @dataclass
@@ -69,13 +70,19 @@ def erase_(x: torch.Tensor, masks: np.ndarray, boxes: np.ndarray, cfg: MSCNConfi
 class MSCN(Mixer):
     name = "mscn"
     sections = ("mscn",)
+    grids = ("mscn.grid",)
 
-    def __init__(self, cfg: MSCNConfig = MSCNConfig()):
+    def __init__(self, cfg: MSCNConfig = MSCNConfig(), full_size: int = 0):
         self.cfg = cfg
+        self.full_size = full_size  # progressive resolution: the side cfg.grid is given at (0: g at every side)
 
     @classmethod
     def from_config(cls, cfg) -> MSCN:
-        return cls(cfg.mscn)
+        return cls(cfg.mscn, full_size(cfg))
+
+    def grid_for(self, v: torch.Tensor) -> int:
+        """Cells a side for the views v (N, H, W, 3): cfg.grid, or under progressive resolution H / cell."""
+        return grid_at(self.cfg.grid, self.full_size, v.shape[1])
 
     def filtered_views(self, v1, v2, px: Pixels) -> tuple[torch.Tensor, torch.Tensor]:
         """Both views normalised in float32 and, when asked, high-pass filtered."""
@@ -87,7 +94,7 @@ class MSCN(Mixer):
 
     def query_masks(self, fg, mode: str, n: int, h: int, w: int, keys: Keys, px: Pixels, cap: float = 1.0):
         c = self.cfg
-        return px.cell_masks(fg, n, 3, c.grid, c.ratio[0], c.ratio[1], c.spatial_p, c.focal_p, c.focal_size, cap, mode,
+        return px.cell_masks(fg, n, 3, grid_at(c.grid, self.full_size, h), c.ratio[0], c.ratio[1], c.spatial_p, c.focal_p, c.focal_size, cap, mode,
                              h, w, keys.seed, keys.epoch, keys.batch_index, STREAMS["cells"])
 
     def __call__(self, v1, v2, keys: Keys, px: Pixels) -> Views:

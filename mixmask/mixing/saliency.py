@@ -163,6 +163,7 @@ def hard_negative(x2f: torch.Tensor, fg: np.ndarray, cfg: SaliencyConfig, grid: 
 class Saliency(Mixer):
     name = "saliency"
     sections = ("mscn", "saliency")
+    grids = ("mscn.grid",)
 
     def __init__(self, mscn: MSCN, cfg: SaliencyConfig = SaliencyConfig()):
         self.mscn, self.cfg, self.saliency = mscn, cfg, SaliencySource(cfg)
@@ -174,14 +175,14 @@ class Saliency(Mixer):
 
     def __call__(self, v1, v2, keys: Keys, px: Pixels) -> Views:
         n, h, w, _ = v1.shape
-        m = self.mscn.cfg
+        m, g = self.mscn.cfg, self.mscn.grid_for(v1)
         x1, x2 = self.mscn.filtered_views(v1, v2, px)
-        fg = self.saliency.foreground(v1, m.grid, px)
+        fg = self.saliency.foreground(v1, g, px)
         masks, boxes = self.mscn.query_masks(fg, "balanced", n, h, w, keys, px, cap=self.cfg.cap)
         erase_(x1, masks, boxes, m, m.noise_std, keys, STREAMS["noise"], px)
         hard = None
         if self.cfg.hard_negative:
-            hard = hard_negative(x2, self.saliency.foreground(v2, m.grid, px), self.cfg, m.grid, keys, px)
+            hard = hard_negative(x2, self.saliency.foreground(v2, g, px), self.cfg, g, keys, px)
         return Views(px.finish(x1), px.finish(x2), (), hard)
 
 
@@ -193,7 +194,7 @@ class SaliencyMixMask(MixMask):
 
     def __init__(self, mixmask: MixMask, cfg: SaliencyConfig = SaliencyConfig()):
         super().__init__(kind=mixmask.kind, grid=mixmask.grid, ratio=mixmask.ratio, per_sample=True,
-                         partner=mixmask.partner)
+                         partner=mixmask.partner, full_size=mixmask.full_size)
         self.cfg, self.saliency = cfg, SaliencySource(cfg)
         self.hard_negatives = cfg.hard_negative
 
@@ -204,14 +205,16 @@ class SaliencyMixMask(MixMask):
     def masks(self, v1, keys: Keys, px: Pixels) -> torch.Tensor:
         """Balanced cells filled from the partner.  -> (N, g, g) uint8 on the host, 1 = keep x1"""
         n, h, w, _ = v1.shape
-        fg = self.saliency.foreground(v1, self.grid, px)
-        masks, _ = px.cell_masks(fg, n, 1, self.grid, self.ratio, self.ratio, 1.0, 0.0, 1.0, self.cfg.cap, "balanced",
+        g = self.grid_for(v1)
+        fg = self.saliency.foreground(v1, g, px)
+        masks, _ = px.cell_masks(fg, n, 1, g, self.ratio, self.ratio, 1.0, 0.0, 1.0, self.cfg.cap, "balanced",
                                  h, w, keys.seed, keys.epoch, keys.batch_index, STREAMS["cells"])
         return torch.from_numpy(masks[:, 0])
 
     def __call__(self, v1, v2, keys: Keys, px: Pixels) -> Views:
         views = super().__call__(v1, v2, keys, px)
         if self.cfg.hard_negative:
-            views.hard_negative = hard_negative(px.normalize(v2, torch.float32), self.saliency.foreground(v2, self.grid, px),
-                                                self.cfg, self.grid, keys, px)
+            g = self.grid_for(v2)
+            views.hard_negative = hard_negative(px.normalize(v2, torch.float32), self.saliency.foreground(v2, g, px),
+                                                self.cfg, g, keys, px)
         return views

@@ -94,6 +94,7 @@ class UnMix(Mixer):
 class UnMixMixMask(Mixer):
     name = "unmix_mixmask"
     sections = ("unmix", "mask")
+    grids = ("mask.grid",)
 
     def __init__(self, unmix: UnMix, mixmask: MixMask):
         self.unmix, self.mixmask = unmix, mixmask

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from mixmask.models.norm import BatchNorm1d
+
 
 class Encoder(nn.Module):
     """backbone + projection head: forward (N, 3, H, W) -> (N, D); features -> (N, C)."""
@@ -27,7 +29,8 @@ class Encoder(nn.Module):
 
 
 def mlp(dims: list[int], *, bn: bool = True, last_bn: bool = False, last_bias: bool = True) -> nn.Sequential:
-    """An MLP over ``dims``; last_bn adds a BatchNorm without affine parameters after the last Linear."""
+    """An MLP over ``dims``; last_bn adds a BatchNorm without affine parameters after the last Linear
+    (BatchNorm1d of mixmask/models/norm.py: torch's, groupable per view)."""
     if len(dims) < 2:
         raise ValueError(f"an MLP needs at least an input and an output size, got {dims}")
     layers: list[nn.Module] = []
@@ -36,9 +39,9 @@ def mlp(dims: list[int], *, bn: bool = True, last_bn: bool = False, last_bias: b
         layers.append(nn.Linear(a, b, bias=last_bias if last else not bn))
         if last:
             if last_bn:
-                layers.append(nn.BatchNorm1d(b, affine=False))
+                layers.append(BatchNorm1d(b, affine=False))
         else:
             if bn:
-                layers.append(nn.BatchNorm1d(b))
+                layers.append(BatchNorm1d(b))
             layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet
 
+from mixmask.models.norm import BatchNorm2d
+
 Arch = Literal["resnet10", "resnet18", "resnet34", "resnet50"]
 Stem = Literal["imagenet", "small"]
 
@@ -33,7 +35,7 @@ class Backbone(nn.Module):
         if arch not in _LAYOUT:
             raise ValueError(f"unknown arch {arch!r} (known: {', '.join(_LAYOUT)})")
         block, layers = _LAYOUT[arch]
-        net = resnet.ResNet(block, layers, zero_init_residual=False)
+        net = resnet.ResNet(block, layers, zero_init_residual=False, norm_layer=BatchNorm2d)  # groupable BN (norm.py)
         if stem == "small":
             net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             net.maxpool = nn.Identity()

@@ -143,7 +143,7 @@ def _fixed_view_pipeline(data, rois, flips):
     n = len(rois)
 
     def src():
-        out = [[data] * n]
+        out = [[data] * n, [np.full(2, 8, np.float32)] * n]  # bytes, the 8-px side
         for _ in range(2):
             params = {"roi": [np.asarray(r, np.float32) for r in rois], "flip": [np.int32(f) for f in flips],
                       "colour_on": [np.int32(0)] * n, "colour_m": [np.eye(3, dtype=np.float32)] * n,
@@ -151,7 +151,7 @@ def _fixed_view_pipeline(data, rois, flips):
                       "sigma": [np.ones(1, np.float32)] * n, "solarize": [np.int32(0)] * n}
             out += [params[k] for k in _VIEW_INPUTS]
         return out
-    p = _train_pipeline(src, 8, n, 1, None, 0, 1, 0.65)
+    p = _train_pipeline(src, n, 1, None, 0, 1, 0.65)
     p.build()
     return [t.as_array() for t in p.run()]
 
