@@ -77,7 +77,7 @@ def render(b: dict, chart: str = "") -> str:
                   f"{backend.upper()}, ms median (min-max)): " + "; ".join(parts) + "."]
     lines += ["", *training_table(b)]
     if b.get("epochs"):
-        lines += ["", *epoch_table(b["epochs"])]
+        lines += ["", *epoch_table(b["epochs"], b.get("epochs_run", ""))]
     best = b.get("best_loader")
     if best:
         lines += ["", f"Best loader in the training step: {best['feed']} ({best.get('variant', 'mixmask')}), at "
@@ -109,10 +109,12 @@ def training_table(b: dict) -> list[str]:
     return lines
 
 
-def epoch_table(rows: list[dict]) -> list[str]:
-    """Progressive resolution's effect: one demo epoch at each view size."""
-    lines = [f"One demo epoch ({rows[0]['images']} images, torchvision loader + the demo's ResNet-10 step) by view "
-             "size, the input of progressive resolution (data.size_start):", "",
+def epoch_table(rows: list[dict], run: str = "") -> list[str]:
+    """Progressive resolution's effect: one demo epoch at each view size (run: where the rows come from when
+    not from this run)."""
+    lines = [f"One demo epoch ({rows[0]['images']} images of the demo recipe, its torchvision loader + ResNet-10 "
+             f"step) by view size, what progressive resolution (data.size_start) saves per epoch"
+             + (f" ({run})" if run else "") + ":", "",
              "| view px | epoch s median (min-max) | img/s | of the largest size's epoch |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['size']} | {r['epoch_s']:.1f} ({r['min']:.1f}-{r['max']:.1f}) | {r['images_per_sec']:.0f} | "

@@ -29,8 +29,9 @@ optimizer bookkeeping around the kernels; the profiler's own cost included), not
 variants (inductor's fused CPU kernels are not profiler events).
 
 Epoch rows (--epoch-sizes): progressive resolution's effect on a demo-scale epoch: one whole epoch of the
-embedded demo set (5000 images) through the torchvision loader and the demo model (ResNet-10, small stem,
-MixMask with 8-px cells) at each view size; seconds per epoch, median (min-max) of --epoch-repeats.
+embedded demo set (5000 images) of the demo recipe (`make train`'s configs: MoCo v2 + MixMask, ResNet-10
+small stem, 8-px cells, batch 64) through its torchvision loader at each view size; seconds per epoch,
+median (min-max) of --epoch-repeats. `--variants '' --backends ''` runs these rows alone.
 """
 
 from __future__ import annotations
@@ -247,22 +248,24 @@ def run(args, root: Path | None = None) -> list[dict]:
 
 def epoch_rows(sizes: list[int], repeats: int, batch: int, cores: int, device: str, precision: str,
                max_batches: int = 0) -> list[dict]:
-    """Seconds for one epoch of the demo set at each view size (loader + step, as a demo run trains);
-    max_batches > 0 times only that many batches of each epoch (tests)."""
+    """Seconds for one epoch of the demo set at each view size: the demo recipe (train.default_configs: MoCo v2
+    + MixMask, ResNet-10 small stem, 8-px cells) at data.image_size = size, its torchvision training loader as
+    train.py builds it, and the engine's step; max_batches > 0 times only that many batches of each epoch (tests)."""
     import train
-    from benchmarks.loaders import build
     from loaders.demo import ensure_demo_dataset
+    from loaders.folder import index_split
     from mixmask.config import load_config
 
     dev, root = torch.device(device), ensure_demo_dataset()
     accelerator = make_accelerator(dev, precision)
+    index = index_split(root, "train")
     secs: dict[int, list[float]] = {}
     images = {}
     for size, n in there_and_back(sizes, repeats):
-        cfg = load_config([train.CONFIGS / "demo.yaml"], [f"data.image_size={size}", f"mask.grid={size // 8}"])
-        loader = build("torchvision", root, size, batch, cores, True, device)
-        loader.stage.mixer.grid = size // 8  # 8-px cells, as the demo recipe (ResNet-10's small stem)
-        loader.stage.dtype = DTYPES[precision]
+        overrides = [f"data.image_size={size}", f"mask.grid={size // 8}", f"data.batch_size={batch}",
+                     f"data.workers={cores}", "data.backend=torchvision", "data.timeout=0"]
+        cfg = load_config(train.default_configs(overrides), overrides)
+        loader = train.train_loader(cfg, accelerator, index, train.pretrain_aug(cfg))
         model = train.build_model(cfg, 1).to(dev).to(memory_format=torch.channels_last)
         step = Stepper(accelerator, model)
         for r in range(n):
