@@ -13,7 +13,9 @@
 #   kernels  the kernel benchmark alone, 15 rounds                 -> $OUT/kernels.json, kernels.txt
 #   demo     the demo recipe trained on the GPU in bf16            -> $OUT/demo_gpu_summary.json, demo_gpu.txt
 #   cmae     the CMAE demo with ContrastiveCrop on the GPU in bf16 -> $OUT/cmae_gpu_summary.json, cmae_gpu.txt
-# Usage there: OUT=DIR bash benchmarks/gpu_session.sh [steps...]   (default: env tests dali bench)
+#   cudagraphs  the same step with torch.compile's CUDA graphs (model.compile=reduce-overhead) against eager,
+#            synthetic feed                                        -> $OUT/cudagraphs.json
+# Usage there: OUT=DIR bash benchmarks/gpu_session.sh [steps...]   (default: env tests dali bench cudagraphs)
 # Dry run (CI, no GPU): DRY=1 OUT=DIR PY=.venv/bin/python bash benchmarks/gpu_session.sh env tests dali bench
 # runs every step on the CPU at tiny sizes (the gpu-marked tests are collected and skip), installs nothing.
 # The wheels shipped beside it are installed first: make them with benchmarks/gpu_wheels.sh, which also
@@ -27,11 +29,13 @@ DRY=${DRY:-}
 if [ -n "$DRY" ]; then  # every step on the CPU at tiny sizes: the script's own check, without a device
   DEV=cpu BENCH_ARGS="--quick --images 64 --precision no"
   VARIANTS=mixmask,plain,mixmask+batch_views,mixmask+compile LOADER_ARGS="--images 64 --size 64 --batch 16 --repeats 1"
+  CG_ARGS="--arch resnet10 --size 32 --batch 8 --precision no --steps 2 --repeats 1"
 else
   DEV=cuda BENCH_ARGS="--images ${BENCH_IMAGES:-4096} --repeats 3 --arch resnet50 --train-size 224 --train-batch 128 \
 --steps 10 --train-repeats 3 --precision bf16"
-  VARIANTS=mixmask,plain,mixmask+batch_views,mixmask+compile,mixmask+compile+batch_views,mixmask+cudagraphs
+  VARIANTS=mixmask,plain,mixmask+batch_views,mixmask+compile,mixmask+compile+batch_views
   LOADER_ARGS="--images 1024"
+  CG_ARGS="--arch resnet50 --size 224 --batch 128 --precision bf16 --steps 10 --repeats 3"
 fi
 # DALI and its libraries (~270 MB, over one call's 64 MiB) arrive in parts copied to /tmp/wh by earlier
 # calls while the machine is warm; the DALI wheel is split in dali.part* and joined here.
@@ -49,7 +53,7 @@ OUT=${OUT:-bench-out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 PY=${PY:-python3}
-steps=${*:-env tests dali bench}
+steps=${*:-env tests dali bench cudagraphs}
 failed=""
 for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
@@ -95,6 +99,10 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '-', 'numba.cuda'
       # 4096 JPEGs: an epoch of a GPU loader at ~5k img/s must last longer than its start-up
       $PY -m benchmarks --device $DEV $BENCH_ARGS --variants "$VARIANTS" --cores "$(nproc)" \
         --cache "${CACHE:-/tmp/bench-data}" --out "$OUT/bench" 2>&1 | { grep -v -i "warn" || true; } | tail -60 || st=$? ;;
+    cudagraphs)  # torch.compile mode reduce-overhead on the synthetic feed, apart: a failure costs only this step
+      $PY -m benchmarks.training --device $DEV $CG_ARGS --backends '' --variants mixmask,mixmask+cudagraphs \
+        --json "$OUT/cudagraphs.json" 2>&1 \
+        | { grep -v -i "warn" || true; } | tail -20 || st=$? ;;
     *) echo "unknown step $step"; st=2 ;;
   esac
   [ $st -ne 0 ] && failed="$failed $step($st)"
