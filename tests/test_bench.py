@@ -21,7 +21,7 @@ def test_bench_quick_in_the_gpu_session_dry_run_produces_every_figure(tmp_path):
     (compile included): every figure, for every installed backend; a second bench step compares the two runs;
     a failing step fails the script."""
     from benchmarks.__main__ import installed_backends
-    from benchmarks.report import figures, render
+    from benchmarks.report import figures as figure_names, render
 
     out_dir, cache = tmp_path / "out", tmp_path / "data"
     env = {**os.environ, "DRY": "1", "OUT": str(out_dir), "PY": sys.executable, "CACHE": str(cache)}
@@ -61,7 +61,7 @@ def test_bench_quick_in_the_gpu_session_dry_run_produces_every_figure(tmp_path):
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     assert json.loads((out_dir / "bench" / "bench-prev.json").read_text()) == out
     again = json.loads((out_dir / "bench" / "bench.json").read_text())
-    n = len(set(figures(out)) & set(figures(again)))  # the loaders fed by the fastest variant may differ
+    n = len(set(figure_names(out)) & set(figure_names(again)))  # the loaders fed by the fastest variant may differ
     assert n >= len(out["loaders"]) + len(out["kernels"]) + 4
     assert f" of {n} figures within the other run's noise" in res.stdout, res.stdout[-3000:]
 
