@@ -47,7 +47,6 @@ from benchmarks import data_root, run_cli, spread, there_and_back
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 OPTIONS = ("batch_views", "compile", "cudagraphs")
-DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ALL_VARIANTS = "mixmask,plain,mixmask+batch_views,mixmask+compile,mixmask+compile+batch_views"  # cudagraphs: GPU
 
 
@@ -218,6 +217,8 @@ def run(args, root: Path | None = None) -> list[dict]:
     """The step rows: every variant on the synthetic feed, then each backend with "mixmask" and the fastest
     MixMask variant; each with its share of the same variant's synthetic ceiling."""
     device = torch.device(args.device)
+    from train import DTYPES
+
     dtype = DTYPES[args.precision]
     accelerator = make_accelerator(device, args.precision)
     variants = [v for v in args.variants.split(",") if v]
