@@ -56,7 +56,7 @@ bench: setup
 # (BENCH=<the bench.json of benchmarks/gpu_session.sh>) goes to the GPU section and docs/bench-gpu.png.
 BENCH ?= bench-out/bench.json
 bench-readme: setup
-	$(PY) -m benchmarks.report $(BENCH) --readme docs/performance.md --copy-chart
+	$(PY) -m benchmarks.report $(BENCH) --readme docs/performance.md --copy-chart $(if $(EPOCHS),--epochs $(EPOCHS))
 
 bench-loaders: setup
 	$(PY) -m benchmarks.loaders --json bench-out/loaders.json

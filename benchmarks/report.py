@@ -109,6 +109,17 @@ def training_table(b: dict) -> list[str]:
     return lines
 
 
+def epochs_from(training: dict) -> tuple[list[dict], str]:
+    """The epoch rows of a separate ``python -m benchmarks.training --epoch-sizes ...`` run (its --json) and the
+    label that names it: (rows, "rerun alone, DATE: `command`")."""
+    if not training.get("epochs"):
+        raise SystemExit("error: --epochs: that JSON has no epoch rows (python -m benchmarks.training --epoch-sizes ...)")
+    a = training.get("args", {})
+    command = (f"python -m benchmarks.training --json PATH --variants '' --backends '' --epoch-sizes "
+               f"{a.get('epoch_sizes', '')} --epoch-repeats {a.get('epoch_repeats', '')}")
+    return training["epochs"], f"rerun alone, {training['machine']['date'][:16].replace('T', ' ')}: `{command}`"
+
+
 def epoch_table(rows: list[dict], run: str = "") -> list[str]:
     """Progressive resolution's effect: one demo epoch at each view size (run: where the rows come from when
     not from this run)."""
@@ -179,8 +190,12 @@ def main(argv=None) -> int:
                     "bench.png is copied (default docs/bench.png, docs/bench-gpu.png for a GPU run)")
     ap.add_argument("--copy-chart", action="store_true", help="copy bench.png from beside the JSON to --chart")
     ap.add_argument("--compare", metavar="OTHER_JSON", help="another run's bench.json: figures side by side")
+    ap.add_argument("--epochs", metavar="TRAINING_JSON", help="take the demo-epoch rows from a separate "
+                    "`python -m benchmarks.training --epoch-sizes ...` run (its --json), named in the text")
     a = ap.parse_args(argv)
     bench = json.loads(Path(a.bench_json).read_text())
+    if a.epochs:
+        bench["epochs"], bench["epochs_run"] = epochs_from(json.loads(Path(a.epochs).read_text()))
     if a.compare:
         print_comparison(compare(bench, json.loads(Path(a.compare).read_text())), Path(a.bench_json).stem,
                          Path(a.compare).stem)

@@ -151,6 +151,27 @@ def test_report_training_table_gives_every_variant_and_the_epoch_rows():
     assert "| dali | 12 (11-13) | 13 (12-14) | 6.5 | 1.50 | 54.0 (50.0-55.0) | 0.90 |" in text
 
 
+def test_report_takes_the_epoch_rows_of_a_separate_run_and_names_it(tmp_path):
+    from benchmarks.report import END, START, main
+
+    bench, training = tmp_path / "bench.json", tmp_path / "epochs.json"
+    bench.write_text(json.dumps(_bench([(9, 10, 11), (10, 11, 12), (11, 12, 13), (12, 13, 14)])))
+    training.write_text(json.dumps({"machine": {"date": "2026-12-02T05:40:12"}, "results": [],
+                                    "args": {"epoch_sizes": "16,32", "epoch_repeats": 3},
+                                    "epochs": [{"size": 16, "epoch_s": 7.0, "min": 6.5, "max": 7.5, "images": 4992,
+                                                "images_per_sec": 713.1, "vs_full": 0.7}]}))
+    readme = tmp_path / "performance.md"
+    readme.write_text(f"{START}\nold\n{END}\n")
+    assert main([str(bench), "--readme", str(readme), "--epochs", str(training)]) == 0
+    s = readme.read_text()
+    assert "| 16 | 7.0 (6.5-7.5) | 713 | 0.70 |" in s
+    assert ("(rerun alone, 2026-12-02 05:40: `python -m benchmarks.training --json PATH --variants '' --backends '' "
+            "--epoch-sizes 16,32 --epoch-repeats 3`)") in s
+    training.write_text(json.dumps({"machine": {"date": "2026-12-02T05:40:12"}, "results": []}))
+    with pytest.raises(SystemExit, match="no epoch rows"):
+        main([str(bench), "--epochs", str(training)])
+
+
 def test_compare_overlap_is_interval_intersection():
     from benchmarks.report import compare
 
